@@ -1,0 +1,42 @@
+# The two commands of the README: `make run` (set up, then build the DAG) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install lock lint bench clean-venv
+
+run: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+# Re-install when the lock file or the compiled parser changes.
+$(STAMP): requirements.lock setup.py pyproject.toml stages/_skeleton_parser.c
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import stages._skeleton_parser"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.parse_throughput
+	$(BIN)/python -m benchmarks.loader_throughput
+
+# Re-resolve requirements.in into requirements.lock in a throw-away venv.
+lock:
+	rm -rf /tmp/ntu-lock-venv && $(PYTHON) -m venv /tmp/ntu-lock-venv
+	/tmp/ntu-lock-venv/bin/python -m pip install --quiet -r requirements.in
+	{ echo "# Pinned by 'make lock' from requirements.in (python 3.11, linux x86_64). Install: pip install -r requirements.lock"; \
+	  /tmp/ntu-lock-venv/bin/python -m pip freeze --all | grep -v '^pip==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,295 @@
+"""Reading and writing the NTU RGB+D ``.skeleton`` text format (Kinect v2).
+
+Format (whitespace-separated, one record per line, CRLF in the original files)::
+
+    <frameCount>
+    per frame: <bodyCount>
+      per body: <bodyID> <clippedEdges> <handLeftConfidence> <handLeftState> <handRightConfidence>
+                <handRightState> <isRestricted> <leanX> <leanY> <trackingState>
+                <jointCount = 25>
+                25 x: x y z depthX depthY colorX colorY orientW orientX orientY orientZ trackingState
+
+:func:`parse_skeleton` uses the compiled parser (``stages/_skeleton_parser.c``) when it is built and
+this module's pure-Python twin otherwise; both give the same arrays and the same error codes and
+messages (a test holds them to it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.skeleton import NUM_JOINTS
+
+try:  # the compiled parser, built by `pip install -e .`
+    from stages import _skeleton_parser as _native
+except ImportError:  # pragma: no cover - exercised only where no C compiler was available
+    _native = None
+
+# Per-joint values kept from the 12 fields: x y z (metres), depthX depthY, colorX colorY (pixels).
+NUM_VALUES = 7
+
+
+class SkeletonFormatError(ValueError):
+    """A malformed ``.skeleton`` file; ``code`` is a stable short name, ``message`` says what is wrong."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class RawSkeleton:
+    """One parsed file: every body record of every frame, before denoising.
+
+    ``R`` is the number of body records (a body seen in a frame), ``F`` the declared frame count.
+    """
+
+    declared_frames: int
+    body_counts: np.ndarray  # int32 (F,): bodies in each frame (0 for an empty frame)
+    frame_index: np.ndarray  # int32 (R,): frame of each record, 0-based among all F frames
+    body_ids: np.ndarray  # uint64 (R,): the exact 17-digit Kinect bodyIDs
+    values: np.ndarray  # float32 (R, 25, 7): x y z depthX depthY colorX colorY
+    tracking: np.ndarray  # uint8 (R, 25): 0 not tracked, 1 inferred, 2 tracked
+
+    @property
+    def joints(self) -> np.ndarray:
+        """float32 ``(R, 25, 3)`` camera-space x, y, z in metres."""
+        return self.values[:, :, 0:3]
+
+    @property
+    def colors(self) -> np.ndarray:
+        """float32 ``(R, 25, 2)`` colour-frame (1920x1080) pixel coordinates."""
+        return self.values[:, :, 5:7]
+
+
+def parse_skeleton(data: bytes) -> RawSkeleton:
+    """Parse the bytes of a ``.skeleton`` file; raise :class:`SkeletonFormatError` if malformed."""
+    if _native is None:
+        return parse_skeleton_python(data)
+    result = _native.parse(data)
+    if len(result) == 2:
+        raise SkeletonFormatError(*result)
+    frames, counts, frame_index, ids, values, tracking = result
+    return RawSkeleton(
+        declared_frames=frames,
+        body_counts=np.frombuffer(counts or b"", dtype=np.int32),
+        frame_index=np.frombuffer(frame_index or b"", dtype=np.int32),
+        body_ids=np.frombuffer(ids or b"", dtype=np.uint64),
+        values=np.frombuffer(values or b"", dtype=np.float32).reshape(-1, NUM_JOINTS, NUM_VALUES),
+        tracking=np.frombuffer(tracking or b"", dtype=np.uint8).reshape(-1, NUM_JOINTS),
+    )
+
+
+def has_native_parser() -> bool:
+    """Whether the compiled parser is in use (else the pure-Python twin is)."""
+    return _native is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-Python twin of the compiled parser: same grammar, same results, same messages.
+
+
+class _Lines:
+    def __init__(self, data: bytes):
+        self._lines = data.split(b"\n")
+        self._next = 0
+        self._offset = 0
+        self.line = 0  # 1-based number of the line last returned
+        self.tokens: list[bytes] = []
+
+    def next(self) -> bool:
+        while self._next < len(self._lines):
+            raw = self._lines[self._next]
+            start = self._offset
+            self._next += 1
+            self._offset += len(raw) + 1
+            self.line += 1
+            for i, byte in enumerate(raw):
+                if (byte < 0x20 and byte not in b"\t\r\x0b\x0c") or byte >= 0x7F:
+                    raise SkeletonFormatError(
+                        "binary",
+                        f"binary data (byte 0x{byte:02x} at offset {start + i}, line {self.line}): "
+                        "not a text .skeleton file",
+                    )
+            self.tokens = raw.split()
+            if self.tokens:
+                return True
+        return False
+
+
+def _token_repr(token: bytes) -> str:
+    text = token.decode("ascii")
+    return text if len(text) <= 36 else text[:36] + "..."
+
+
+def _parse_number(lines: _Lines, i: int) -> float:
+    token = lines.tokens[i]
+    text = token.decode("ascii")
+    lowered = (text[1:] if text[:1] in ("+", "-") else text).lower()
+    if lowered in ("nan", "inf", "infinity"):
+        raise SkeletonFormatError(
+            "non_finite", f"line {lines.line} field {i + 1}: non-finite value '{_token_repr(token)}'"
+        )
+    valid = bool(lowered) and "_" not in text and lowered[0] in "0123456789."
+    try:
+        value = float(text) if valid else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise SkeletonFormatError(
+            "non_numeric", f"line {lines.line} field {i + 1}: '{_token_repr(token)}' is not a number"
+        )
+    if not math.isfinite(value):  # an overflowing literal such as 1e999
+        raise SkeletonFormatError(
+            "non_finite", f"line {lines.line} field {i + 1}: non-finite value '{_token_repr(token)}'"
+        )
+    return value
+
+
+def _parse_count(lines: _Lines, what: str) -> int:
+    if len(lines.tokens) != 1:
+        raise SkeletonFormatError(
+            "bad_field_count",
+            f"line {lines.line}: expected the {what} (1 field), found {len(lines.tokens)} fields",
+        )
+    token = lines.tokens[0]
+    if not (token.isdigit() and len(token) <= 9):
+        raise SkeletonFormatError(
+            "bad_count", f"line {lines.line}: {what} '{_token_repr(token)}' is not a non-negative integer"
+        )
+    return int(token)
+
+
+def _truncated(message: str) -> SkeletonFormatError:
+    return SkeletonFormatError("truncated", message)
+
+
+def parse_skeleton_python(data: bytes) -> RawSkeleton:
+    """Pure-Python version of :func:`parse_skeleton` (about 10x slower; same results)."""
+    lines = _Lines(data)
+    if not lines.next():
+        raise SkeletonFormatError("empty_file", "file is empty")
+    frames = _parse_count(lines, "frame count")
+    if frames == 0:
+        raise SkeletonFormatError("zero_frames", "file declares 0 frames")
+    counts, frame_index, ids, values, tracking = [], [], [], [], []
+    for f in range(frames):
+        if not lines.next():
+            raise _truncated(f"file ends before frame {f + 1} of {frames} (after line {lines.line})")
+        bodies = _parse_count(lines, "body count")
+        counts.append(bodies)
+        for b in range(bodies):
+            where = f"file ends inside frame {f + 1} of {frames}"
+            if not lines.next():
+                raise _truncated(f"{where} (body {b + 1} of {bodies})")
+            if len(lines.tokens) != 10:
+                raise SkeletonFormatError(
+                    "bad_field_count",
+                    f"line {lines.line}: expected a 10-field body line, found {len(lines.tokens)} fields",
+                )
+            token = lines.tokens[0]
+            if not (token.isdigit() and len(token) <= 20 and int(token) < 2**64):
+                raise SkeletonFormatError(
+                    "bad_body_id",
+                    f"line {lines.line}: bodyID '{_token_repr(token)}' is not an unsigned 64-bit integer",
+                )
+            body_id = int(token)
+            for i in range(1, 10):
+                _parse_number(lines, i)
+            if not lines.next():
+                raise _truncated(f"{where} (body {b + 1} of {bodies})")
+            joints = _parse_count(lines, "joint count")
+            if joints != NUM_JOINTS:
+                raise SkeletonFormatError(
+                    "bad_joint_count", f"line {lines.line}: body has {joints} joints, expected 25"
+                )
+            record = np.empty((NUM_JOINTS, NUM_VALUES), dtype=np.float32)
+            states = np.empty(NUM_JOINTS, dtype=np.uint8)
+            for j in range(NUM_JOINTS):
+                if not lines.next():
+                    raise _truncated(f"{where} (joint {j + 1} of 25)")
+                if len(lines.tokens) != 12:
+                    raise SkeletonFormatError(
+                        "bad_field_count",
+                        f"line {lines.line}: expected a 12-field joint line, found {len(lines.tokens)} fields",
+                    )
+                numbers = [_parse_number(lines, i) for i in range(12)]
+                record[j] = numbers[:NUM_VALUES]
+                states[j] = int(numbers[11]) if 0 <= numbers[11] <= 255 else 0
+            frame_index.append(f)
+            ids.append(body_id)
+            values.append(record)
+            tracking.append(states)
+    if lines.next():
+        raise SkeletonFormatError(
+            "trailing_data", f"declared {frames} frames but the data goes on at line {lines.line}"
+        )
+    return RawSkeleton(
+        declared_frames=frames,
+        body_counts=np.asarray(counts, dtype=np.int32),
+        frame_index=np.asarray(frame_index, dtype=np.int32),
+        body_ids=np.asarray(ids, dtype=np.uint64),
+        values=np.asarray(values, dtype=np.float32).reshape(-1, NUM_JOINTS, NUM_VALUES),
+        tracking=np.asarray(tracking, dtype=np.uint8).reshape(-1, NUM_JOINTS),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class BodyRecord:
+    """One body in one frame, as written to a ``.skeleton`` file.
+
+    ``joints`` is float ``(25, 11)``: x y z (metres, camera space), depthX depthY (pixels in the
+    512x424 depth frame), colorX colorY (pixels in the 1920x1080 colour frame), orientation
+    quaternion W X Y Z. ``tracking`` is int ``(25,)`` with 0 not tracked, 1 inferred, 2 tracked.
+    """
+
+    body_id: int
+    joints: np.ndarray
+    tracking: np.ndarray
+    clipped_edges: int = 0
+    hand_left_confidence: int = 1
+    hand_left_state: int = 1
+    hand_right_confidence: int = 1
+    hand_right_state: int = 1
+    is_restricted: int = 0
+    lean: tuple[float, float] = field(default=(0.0, 0.0))
+    tracking_state: int = 2
+
+
+# Kinect SDK dumps print floats with 7 significant digits (C++ ostream default precision 6-7).
+_JOINT_LINE = " ".join(["%.7g"] * 11) + " %d"
+
+
+def format_number(value: float) -> str:
+    """A float as the Kinect dumps print it (``%.7g``); the parser reads back exactly this value."""
+    return "%.7g" % value
+
+
+def format_skeleton(frames: Sequence[Sequence[BodyRecord]], newline: str = "\r\n") -> bytes:
+    """Serialise frames of body records into ``.skeleton`` text (CRLF by default, like the originals)."""
+    joint_block = newline.join([_JOINT_LINE] * NUM_JOINTS) + newline
+    out = [f"{len(frames)}{newline}"]
+    for bodies in frames:
+        out.append(f"{len(bodies)}{newline}")
+        for body in bodies:
+            out.append(
+                f"{int(body.body_id)} {body.clipped_edges} {body.hand_left_confidence} "
+                f"{body.hand_left_state} {body.hand_right_confidence} {body.hand_right_state} "
+                f"{body.is_restricted} {format_number(body.lean[0])} {format_number(body.lean[1])} "
+                f"{body.tracking_state}{newline}{NUM_JOINTS}{newline}"
+            )
+            joints = np.asarray(body.joints, dtype=np.float64)
+            if joints.shape != (NUM_JOINTS, 11):
+                raise ValueError(f"body joints must be (25, 11), got {joints.shape}")
+            rows = np.concatenate([joints, np.asarray(body.tracking, dtype=np.float64)[:, None]], axis=1)
+            out.append(joint_block % tuple(rows.ravel().tolist()))
+    return "".join(out).encode("ascii")
