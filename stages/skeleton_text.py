@@ -216,7 +216,8 @@ def parse_skeleton_python(data: bytes) -> RawSkeleton:
                 if len(lines.tokens) != 12:
                     raise SkeletonFormatError(
                         "bad_field_count",
-                        f"line {lines.line}: expected a 12-field joint line, found {len(lines.tokens)} fields",
+                        f"line {lines.line}: expected a 12-field joint line, "
+                        f"found {len(lines.tokens)} fields",
                     )
                 numbers = [_parse_number(lines, i) for i in range(12)]
                 record[j] = numbers[:NUM_VALUES]

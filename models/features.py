@@ -1,0 +1,122 @@
+"""Skeleton feature math, defined once: normalisation, view alignment, bone and motion streams.
+
+Layout everywhere: ``(..., C, T, V, M)`` (leading batch dims optional), coordinates in metres.
+``bones`` and ``motion`` accept NumPy arrays and torch tensors alike (the exported ONNX graph uses the
+same functions), using only indexing, subtraction and concatenation. ``centre`` and ``align_view``
+are NumPy (they run in the data stages and in the server before the model).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.skeleton import LEFT_SHOULDER, PARENTS, RIGHT_SHOULDER, SPINE_BASE, SPINE_MIDDLE
+
+STREAMS = ("joint", "bone", "joint_motion", "bone_motion")
+
+_PARENT_INDEX = list(PARENTS)
+
+
+def _concat(parts, axis):
+    first = parts[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts, axis=axis)
+    import torch  # only reached with tensors, so numpy-only callers never import torch
+
+    return torch.cat(parts, dim=axis)
+
+
+def bones(x):
+    """Bone vectors ``joint[child] - joint[parent]`` for the 25 NTU bones; ``(..., C, T, V, M)``.
+
+    The centre joint (spine shoulder) is its own parent, so its bone is zero. Absent persons (all
+    zeros) give zero bones.
+    """
+    return x - x[..., _PARENT_INDEX, :]
+
+
+def motion(x, lengths=None):
+    """Temporal difference ``x[t + 1] - x[t]`` along T, with the last frame zero; ``(..., C, T, V, M)``.
+
+    With ``lengths`` (one per leading index, for zero-padded stored samples of shape
+    ``(N, C, T, V, M)``), frames at or after ``length - 1`` are zero, so the padding does not create
+    a jump back to the origin.
+    """
+    diff = x[..., 1:, :, :] - x[..., :-1, :, :]
+    out = _concat([diff, diff[..., :1, :, :] * 0], axis=-3)
+    if lengths is not None:
+        if not isinstance(x, np.ndarray):
+            raise TypeError("motion(lengths=...) is for NumPy sample blocks")
+        t = np.arange(x.shape[-3])
+        keep = t[None, :] < (np.asarray(lengths)[:, None] - 1)  # N, T
+        out = out * keep[:, None, :, None, None]
+    return out
+
+
+def presence(x: np.ndarray) -> np.ndarray:
+    """bool ``(N, T, M)``: whether person ``m`` has any non-zero joint in frame ``t``."""
+    return np.any(x != 0, axis=(1, 3))
+
+
+def centre(x: np.ndarray) -> np.ndarray:
+    """Subtract actor 1's spine-middle joint in its first present frame from every present joint.
+
+    ``x``: float ``(N, C, T, V, M)``. Frames where a person is absent stay zero (CTR-GCN's
+    ``seq_translation``). Samples with no present frame are returned unchanged.
+    """
+    present = presence(x)  # N, T, M
+    first = np.argmax(present[:, :, 0], axis=1)  # N: first frame of actor 1
+    n = np.arange(x.shape[0])
+    origin = x[n, :, first, SPINE_MIDDLE, 0]  # N, C
+    origin = np.where(present[:, :, 0].any(axis=1)[:, None], origin, 0)
+    mask = present[:, None, :, None, :]  # N, 1, T, 1, M
+    return np.where(mask, x - origin[:, :, None, None, None], 0).astype(x.dtype, copy=False)
+
+
+def _frame_rotation(spine: np.ndarray, shoulders: np.ndarray) -> np.ndarray:
+    """Rotation ``(3, 3)`` taking ``spine`` to +z and ``shoulders`` (projected off z) to +x."""
+    z = spine / max(np.linalg.norm(spine), 1e-8)
+    x = shoulders - np.dot(shoulders, z) * z
+    norm = np.linalg.norm(x)
+    if norm < 1e-8:  # shoulders parallel to the spine: any x orthogonal to z
+        x = np.cross(z, [0.0, 1.0, 0.0] if abs(z[1]) < 0.9 else [1.0, 0.0, 0.0])
+        norm = np.linalg.norm(x)
+    x = x / norm
+    y = np.cross(z, x)
+    return np.stack([x, y, z])  # rows: new axes expressed in old coordinates
+
+
+def align_view(x: np.ndarray) -> np.ndarray:
+    """Rotate each sample so actor 1's spine (base -> middle) is along +z and its shoulders
+    (left -> right, as in 2s-AGCN's ``pre_normalization``) along +x, in its first present frame.
+
+    Apply after :func:`centre`. ``x``: float ``(N, C=3, T, V, M)``; absent frames stay zero. Unlike
+    2s-AGCN's two successive rotations (the second undoes part of the first), one orthonormal frame
+    is built, so the spine ends exactly on +z.
+    """
+    out = x.copy()
+    present = presence(x)
+    for i in range(x.shape[0]):
+        frames = np.flatnonzero(present[i, :, 0])
+        if frames.size == 0:
+            continue
+        pose = x[i, :, frames[0], :, 0].astype(np.float64)  # C, V
+        rot = _frame_rotation(
+            pose[:, SPINE_MIDDLE] - pose[:, SPINE_BASE], pose[:, RIGHT_SHOULDER] - pose[:, LEFT_SHOULDER]
+        )
+        rotated = np.einsum("dc,ctvm->dtvm", rot, x[i].astype(np.float64))
+        out[i] = np.where(present[i][None, :, None, :], rotated, 0)
+    return out
+
+
+def stream(joints: np.ndarray, name: str, lengths=None):
+    """One of the four streams of ``joints`` ``(N, C, T, V, M)``; see :data:`STREAMS`."""
+    if name == "joint":
+        return joints
+    if name == "bone":
+        return bones(joints)
+    if name == "joint_motion":
+        return motion(joints, lengths)
+    if name == "bone_motion":
+        return motion(bones(joints), lengths)
+    raise ValueError(f"unknown stream {name!r}; valid: {', '.join(STREAMS)}")

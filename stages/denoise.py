@@ -1,0 +1,173 @@
+"""Body selection and denoising of one parsed file: the standard NTU preparation.
+
+Reproduces CTR-GCN's ``get_raw_skes_data.py`` + ``get_raw_denoised_data.py`` (the preparation pyskl
+and most later work reuse), so the tensors match the public pipelines:
+
+1. Frames with no body are dropped; records are grouped by bodyID in order of first appearance.
+   As in the reference, a body's frames are placed contiguously from its first frame.
+2. With more than one bodyID: drop bodies seen in 11 frames or fewer; then (while more than one is
+   left) drop bodies whose frames are "noisy by spread" (x-range > 0.8 y-range) in a ratio >= 0.69754,
+   and lower the motion of the others to that of their non-noisy frames; rank the rest by motion
+   (sum over x, y, z of the variance of their joints). Actor 1 = most motion; each later body joins
+   actor 1 if its interval does not overlap actor 1's, else actor 2 if it does not overlap actor
+   2's, else it is discarded. Frames where both actors are empty are dropped.
+3. A file with a single bodyID keeps it whole.
+
+A file from which no body survives is rejected with the reason (the reference crashes on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.skeleton import NUM_JOINTS
+from stages.skeleton_text import RawSkeleton
+
+NOISE_LENGTH_THRESHOLD = 11  # bodies seen in <= 11 frames are noise
+NOISE_SPREAD_RATIO = 0.8  # a frame is noisy when x-range > 0.8 * y-range
+NOISE_SPREAD_FRACTION = 0.69754  # a body is noise when this fraction of its frames is noisy
+MAX_ACTORS = 2
+
+
+class DenoiseError(ValueError):
+    """No usable body in a file; ``code`` is a stable short name for the summary."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Selection:
+    """The selected actors of one file.
+
+    ``joints`` float32 ``(3, T, 25, 2)`` camera-space metres and ``colors`` float32
+    ``(2, T, 25, 2)`` colour-frame pixels, zero where an actor is absent; T = kept frames.
+    """
+
+    joints: np.ndarray
+    colors: np.ndarray
+    bodies_seen: int
+    actors_kept: int
+    dropped_by_length: int
+    dropped_by_spread: int
+    dropped_by_overlap: int
+
+
+@dataclass
+class _Body:
+    body_id: int
+    records: np.ndarray  # int (n,): record indices into the RawSkeleton arrays
+    start: int  # first valid frame
+    motion: float
+
+    @property
+    def end(self) -> int:  # last frame of the reference's contiguous interval
+        return self.start + len(self.records) - 1
+
+
+def _motion(joints: np.ndarray) -> float:
+    # float32 reduction over a contiguous (n * 25, 3) array, as the reference computes it.
+    return float(np.sum(np.var(np.ascontiguousarray(joints).reshape(-1, 3), axis=0)))
+
+
+def _group_bodies(raw: RawSkeleton) -> tuple[list[_Body], int]:
+    valid = raw.body_counts > 0
+    valid_index = np.cumsum(valid) - 1  # frame -> index among the frames that have bodies
+    ids, first = np.unique(raw.body_ids, return_index=True)
+    bodies = []
+    for body_id, _ in sorted(zip(ids.tolist(), first.tolist(), strict=True), key=lambda p: p[1]):
+        records = np.flatnonzero(raw.body_ids == np.uint64(body_id))
+        start = int(valid_index[raw.frame_index[records[0]]])
+        bodies.append(_Body(body_id, records, start, 0.0))
+    return bodies, int(valid.sum())
+
+
+def _spread_noisy(joints: np.ndarray) -> np.ndarray:
+    """bool ``(n,)``: frames whose x-range exceeds 0.8 times their y-range; ``joints`` ``(n, 25, 3)``."""
+    x_range = np.ptp(joints[:, :, 0], axis=1).astype(np.float64)
+    y_range = np.ptp(joints[:, :, 1], axis=1).astype(np.float64)
+    return x_range > NOISE_SPREAD_RATIO * y_range
+
+
+def _denoise(raw: RawSkeleton, bodies: list[_Body]) -> tuple[list[_Body], int, int]:
+    """Length and spread rules, then the motion ranking. Returns (ranked bodies, by length, by spread)."""
+    joints = raw.joints
+    for body in bodies:
+        body.motion = _motion(joints[body.records])
+    kept = [b for b in bodies if len(b.records) > NOISE_LENGTH_THRESHOLD]
+    by_length = len(bodies) - len(kept)
+    if not kept:
+        raise DenoiseError(
+            "denoised_away",
+            f"all {len(bodies)} bodies are noise: none is seen in more than {NOISE_LENGTH_THRESHOLD} frames",
+        )
+    if len(kept) == 1:
+        return kept, by_length, 0
+    by_spread = 0
+    for body in list(kept):
+        if len(kept) == 1:
+            break
+        body_joints = joints[body.records]
+        noisy = _spread_noisy(body_joints)
+        if not noisy.any():
+            continue
+        if noisy.sum() / len(noisy) >= NOISE_SPREAD_FRACTION:
+            kept.remove(body)
+            by_spread += 1
+        else:
+            body.motion = min(body.motion, _motion(body_joints[~noisy]))
+    if len(kept) == 1:
+        return kept, by_length, by_spread
+    return sorted(kept, key=lambda b: b.motion, reverse=True), by_length, by_spread
+
+
+def _place(out: np.ndarray, raw_values: np.ndarray, body: _Body, actor: int) -> None:
+    # out: T, 25, 7, M; the reference writes a body's frames contiguously from its first frame.
+    out[body.start : body.end + 1, :, :, actor] = raw_values[body.records]
+
+
+def select_actors(raw: RawSkeleton) -> Selection:
+    """Denoise the bodies of ``raw`` and return at most two actors (see the module docstring)."""
+    if raw.body_ids.size == 0:
+        raise DenoiseError("no_body", f"no body in any of the {raw.declared_frames} frames")
+    bodies, num_frames = _group_bodies(raw)
+    values = raw.values  # R, 25, 7
+    out = np.zeros((num_frames, NUM_JOINTS, values.shape[2], MAX_ACTORS), dtype=np.float32)
+    by_length = by_spread = by_overlap = 0
+    if len(bodies) == 1:
+        _place(out, values, bodies[0], 0)
+    else:
+        ranked, by_length, by_spread = _denoise(raw, bodies)
+        actor1, rest = ranked[0], ranked[1:]
+        _place(out, values, actor1, 0)
+        start1, end1 = actor1.start, actor1.end
+        start2, end2 = 0, 0  # the reference's virtual initial interval of actor 2
+        for body in rest:
+            if min(end1, body.end) - max(start1, body.start) <= 0:  # no overlap with actor 1
+                _place(out, values, body, 0)
+                start1, end1 = min(body.start, start1), max(body.end, end1)
+            elif min(end2, body.end) - max(start2, body.start) <= 0:  # no overlap with actor 2
+                _place(out, values, body, 1)
+                start2, end2 = min(body.start, start2), max(body.end, end2)
+            else:
+                by_overlap += 1
+        # Drop frames where both actors are empty (the reference's remove_missing_frames).
+        xyz_sum = out[:, :, 0:3, :].sum(axis=(1, 2, 3))
+        out = out[xyz_sum != 0]
+        if out.shape[0] == 0:
+            raise DenoiseError("denoised_away", "no frame keeps a body after denoising")
+    out = out.transpose(2, 0, 1, 3)  # 7, T, 25, M
+    actors_kept = int(np.any(out[0:3] != 0, axis=(0, 1, 2)).sum())
+    return Selection(
+        joints=np.ascontiguousarray(out[0:3]),
+        colors=np.ascontiguousarray(out[5:7]),
+        bodies_seen=len(bodies),
+        actors_kept=actors_kept,
+        dropped_by_length=by_length,
+        dropped_by_spread=by_spread,
+        dropped_by_overlap=by_overlap,
+    )

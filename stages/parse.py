@@ -1,0 +1,393 @@
+"""Stage ``parse``: a directory of ``.skeleton`` files -> ``skeletons.zarr`` + ``samples.parquet``.
+
+Files are parsed and denoised in parallel worker processes (the compiled parser, then
+:mod:`stages.denoise`); the main process streams the accepted samples into a sharded Zarr store,
+one shard at a time, and the per-file table into Parquet, one row group per block, so peak memory
+does not grow with the number of files. Every input file gets a row: ``accepted``, ``rejected``
+(malformed or unusable, with the reason) or ``excluded`` (official missing list, class not
+selected). A bad file never stops the stage.
+
+    python -m stages.parse --raw-dir DIR --out-dir DIR [--workers N] [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from tqdm import tqdm
+
+from stages import ntu_files
+from stages.denoise import DenoiseError, select_actors
+from stages.params import ParamsError, load_section
+from stages.skeleton_text import SkeletonFormatError, has_native_parser, parse_skeleton
+from stages.store import FORMAT_VERSION, LAYOUT, atomic_directory, create_tensor, write_metrics, write_vector
+
+FILES_PER_TASK = 8
+
+
+@dataclass(frozen=True)
+class ParseParams:
+    """The ``parse`` section of params.yaml."""
+
+    dataset: Literal["synthetic", "ntu60", "ntu120"] = "synthetic"
+    classes: Literal["all"] | tuple[int, ...] = "all"
+    workers: int = 0  # 0: one per core
+    max_frames: int = 300  # T of the store; longer samples grow it in steps of this size
+    shard_samples: int = 256
+    chunk_samples: int = 64
+    compression_level: int = 3
+
+    def validate(self) -> None:
+        if self.classes != "all":
+            bad = [c for c in self.classes if not 1 <= c <= ntu_files.NTU120_MAX_ACTION]
+            if bad or len(set(self.classes)) != len(self.classes) or not self.classes:
+                raise ParamsError(f"params.yaml [parse] classes: ids must be distinct, in 1-120; got {bad}")
+        if self.workers < 0 or self.max_frames < 1 or self.shard_samples % self.chunk_samples:
+            raise ParamsError(
+                "params.yaml [parse]: workers >= 0, max_frames >= 1 and shard_samples a multiple of "
+                "chunk_samples are required"
+            )
+
+    def class_ids(self) -> tuple[int, ...]:
+        """The selected NTU action ids (1-based); label = position in this tuple."""
+        if self.classes != "all":
+            return tuple(sorted(self.classes))
+        top = ntu_files.NTU60_MAX_ACTION if self.dataset == "ntu60" else ntu_files.NTU120_MAX_ACTION
+        return tuple(range(1, top + 1))
+
+
+SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("file", pa.string()),
+        ("file_bytes", pa.int64()),
+        ("setup", pa.int16()),
+        ("camera", pa.int16()),
+        ("performer", pa.int16()),
+        ("replication", pa.int16()),
+        ("action", pa.int16()),
+        ("label", pa.int32()),
+        ("status", pa.string()),
+        ("reason_code", pa.string()),
+        ("reason", pa.string()),
+        ("raw_frames", pa.int32()),
+        ("body_frames", pa.int32()),
+        ("kept_frames", pa.int32()),
+        ("bodies_seen", pa.int32()),
+        ("actors_kept", pa.int32()),
+        ("dropped_by_length", pa.int32()),
+        ("dropped_by_spread", pa.int32()),
+        ("dropped_by_overlap", pa.int32()),
+        ("index", pa.int64()),
+        *[(benchmark, pa.string()) for benchmark in ntu_files.BENCHMARKS],
+    ]
+)
+
+# --------------------------------------------------------------------------------------------
+# Worker side: one file -> (row, joints, colors)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    dataset: str
+    labels: dict[int, int]  # action id -> 0-based label
+    missing: frozenset[str]
+    raw_dir: str
+
+
+_settings: _Settings | None = None
+
+
+def _init_worker(settings: _Settings) -> None:
+    global _settings
+    _settings = settings
+
+
+def _reject(row: dict, status: str, code: str, reason: str) -> tuple[dict, None, None]:
+    row.update(status=status, reason_code=code, reason=reason)
+    return row, None, None
+
+
+def process_file(path: str, settings: _Settings) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
+    """Parse and denoise one file. Returns its table row and, if accepted, float32 joints
+    ``(3, T, 25, 2)`` and colour pixels ``(2, T, 25, 2)``. Never raises for bad input."""
+    file = Path(path)
+    stem = file.name[: -len(".skeleton")]
+    row: dict = {"name": stem, "file": os.path.relpath(file, settings.raw_dir), "index": -1}
+    try:
+        row["file_bytes"] = file.stat().st_size
+        sample = ntu_files.parse_name(stem)
+    except (ValueError, OSError) as exc:
+        return _reject(row, "rejected", "bad_name" if isinstance(exc, ValueError) else "unreadable", str(exc))
+    row.update(asdict(sample), **ntu_files.split_membership(sample))
+    if stem in settings.missing:
+        return _reject(
+            row, "excluded", "missing_list", f"in the official {settings.dataset} missing-skeleton list"
+        )
+    if settings.dataset == "ntu60" and not ntu_files.is_ntu60(sample):
+        return _reject(
+            row, "excluded", "not_in_dataset", "not part of NTU RGB+D 60 (setup > 17 or action > 60)"
+        )
+    if sample.action not in settings.labels:
+        return _reject(row, "excluded", "class_not_selected", f"action A{sample.action:03d} is not selected")
+    row["label"] = settings.labels[sample.action]
+    try:
+        data = file.read_bytes()
+        raw = parse_skeleton(data)
+    except OSError as exc:
+        return _reject(row, "rejected", "unreadable", f"cannot read file: {exc}")
+    except SkeletonFormatError as exc:
+        return _reject(row, "rejected", exc.code, exc.message)
+    row["raw_frames"] = raw.declared_frames
+    row["body_frames"] = int(np.count_nonzero(raw.body_counts))
+    try:
+        chosen = select_actors(raw)
+    except DenoiseError as exc:
+        row["bodies_seen"] = len(np.unique(raw.body_ids))
+        return _reject(row, "rejected", exc.code, exc.message)
+    row.update(
+        status="accepted",
+        kept_frames=chosen.joints.shape[1],
+        bodies_seen=chosen.bodies_seen,
+        actors_kept=chosen.actors_kept,
+        dropped_by_length=chosen.dropped_by_length,
+        dropped_by_spread=chosen.dropped_by_spread,
+        dropped_by_overlap=chosen.dropped_by_overlap,
+    )
+    return row, chosen.joints, chosen.colors
+
+
+def _process_batch(paths: tuple[str, ...]) -> list[tuple[dict, np.ndarray | None, np.ndarray | None]]:
+    assert _settings is not None, "worker not initialised"
+    return [process_file(p, _settings) for p in paths]
+
+
+# --------------------------------------------------------------------------------------------
+# Main process: bounded fan-out, one writer
+
+
+class _ShardWriter:
+    """Buffers accepted samples for one shard and appends it to the Zarr arrays when full."""
+
+    def __init__(self, group: zarr.Group, params: ParseParams):
+        self.params = params
+        self.frames = params.max_frames
+        common = dict(
+            frames=self.frames,
+            dtype="float32",
+            shard_samples=params.shard_samples,
+            chunk_samples=params.chunk_samples,
+            level=params.compression_level,
+        )
+        self.arrays = {
+            "joints": create_tensor(group, "joints", channels=3, **common),
+            "colors": create_tensor(group, "colors", channels=2, **common),
+        }
+        self.buffers = {name: self._buffer(a.shape[1], self.frames) for name, a in self.arrays.items()}
+        self.fill = 0
+        self.written = 0
+        self.lengths: list[int] = []
+        self.labels: list[int] = []
+
+    def _buffer(self, channels: int, frames: int) -> np.ndarray:
+        return np.zeros((self.params.shard_samples, channels, frames, 25, 2), dtype=np.float32)
+
+    def _grow(self, length: int) -> None:
+        frames = -(-length // self.params.max_frames) * self.params.max_frames
+        for name, array in self.arrays.items():
+            array.resize((array.shape[0], array.shape[1], frames, *array.shape[3:]))
+            grown = self._buffer(array.shape[1], frames)
+            grown[:, :, : self.frames] = self.buffers[name]
+            self.buffers[name] = grown
+        self.frames = frames
+
+    def add(self, label: int, joints: np.ndarray, colors: np.ndarray) -> int:
+        length = joints.shape[1]
+        if length > self.frames:
+            self._grow(length)
+        self.buffers["joints"][self.fill, :, :length] = joints
+        self.buffers["colors"][self.fill, :, :length] = colors
+        self.lengths.append(length)
+        self.labels.append(label)
+        index = self.written + self.fill
+        self.fill += 1
+        if self.fill == self.params.shard_samples:
+            self.flush()
+        return index
+
+    def flush(self) -> None:
+        if not self.fill:
+            return
+        end = self.written + self.fill
+        for name, array in self.arrays.items():
+            array.resize((end, *array.shape[1:]))
+            array[self.written : end] = self.buffers[name][: self.fill]
+            self.buffers[name][: self.fill] = 0
+        self.written, self.fill = end, 0
+
+
+def _batched(items, size: int):
+    iterator = iter(items)
+    while batch := tuple(islice(iterator, size)):
+        yield batch
+
+
+def discover(raw_dir: Path) -> list[Path]:
+    """All ``*.skeleton`` files under ``raw_dir`` (recursively), sorted by file name then path."""
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"raw directory {raw_dir} does not exist or is not a directory")
+    return sorted(raw_dir.rglob("*.skeleton"), key=lambda p: (p.name, str(p)))
+
+
+def _results(paths: list[Path], settings: _Settings, workers: int):
+    """Yield per-file results in input order, with at most a few tasks in flight per worker."""
+    batches = _batched((str(p) for p in paths), FILES_PER_TASK)
+    if workers == 1:
+        _init_worker(settings)
+        for batch in batches:
+            yield from _process_batch(batch)
+        return
+    context = multiprocessing.get_context("forkserver")
+    with context.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_process_batch, (batch,)))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path | None = None) -> dict:
+    """Parse every ``.skeleton`` file under ``raw_dir`` into ``out_dir``; return the summary."""
+    started = time.perf_counter()
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    paths = discover(raw_dir)
+    if not paths:
+        raise FileNotFoundError(f"no .skeleton files under {raw_dir}")
+    class_ids = params.class_ids()
+    settings = _Settings(
+        dataset=params.dataset,
+        labels={action: label for label, action in enumerate(class_ids)},
+        missing=ntu_files.missing_samples(params.dataset) if params.dataset != "synthetic" else frozenset(),
+        raw_dir=str(raw_dir),
+    )
+    workers = params.workers or os.cpu_count() or 1
+    counts: collections.Counter = collections.Counter()
+    reasons: collections.Counter = collections.Counter()
+    total_bytes = 0
+    seen: set[str] = set()
+    with atomic_directory(out_dir) as tmp:
+        group = zarr.open_group(str(tmp / "skeletons.zarr"), mode="w")
+        writer = _ShardWriter(group, params)
+        rows: list[dict] = []
+        with pq.ParquetWriter(tmp / "samples.parquet", SCHEMA) as table:
+            progress = tqdm(total=len(paths), desc="parse", unit="file", mininterval=1.0, file=sys.stderr)
+            for row, joints, colors in _results(paths, settings, workers):
+                total_bytes += row.get("file_bytes") or 0
+                if row["name"] in seen and row["status"] != "rejected":
+                    row, joints, colors = _reject(row, "rejected", "duplicate", "another file has this name")
+                seen.add(row["name"])
+                if joints is not None:
+                    row["index"] = writer.add(row["label"], joints, colors)
+                counts[row["status"]] += 1
+                if row["status"] != "accepted":
+                    reasons[f"{row['status']}:{row['reason_code']}"] += 1
+                rows.append(row)
+                if len(rows) >= 1024:
+                    table.write_batch(pa.RecordBatch.from_pylist(rows, schema=SCHEMA))
+                    rows.clear()
+                progress.update()
+            progress.close()
+            if rows:
+                table.write_batch(pa.RecordBatch.from_pylist(rows, schema=SCHEMA))
+        writer.flush()
+        write_vector(group, "lengths", np.asarray(writer.lengths, dtype=np.int32))
+        write_vector(group, "labels", np.asarray(writer.labels, dtype=np.int32))
+        names = ntu_files.class_names()
+        group.attrs.update(
+            {
+                "format_version": FORMAT_VERSION,
+                "layout": LAYOUT,
+                "joints": "ntu25 (Kinect v2), 0-based, see models/skeleton.py",
+                "units": {
+                    "joints": "metres, Kinect camera space",
+                    "colors": "pixels, 1920x1080 colour frame",
+                },
+                "dataset": params.dataset,
+                "class_ids": list(class_ids),
+                "class_names": [names[c] for c in class_ids],
+                "max_frames": writer.frames,
+            }
+        )
+    seconds = time.perf_counter() - started
+    summary = {
+        "files": len(paths),
+        "accepted": counts["accepted"],
+        "rejected": counts["rejected"],
+        "excluded": counts["excluded"],
+        "by_reason": dict(sorted(reasons.items())),
+        "max_frames": writer.frames,
+        "mean_kept_frames": float(np.mean(writer.lengths)) if writer.lengths else 0.0,
+        "megabytes": round(total_bytes / 1e6, 3),
+        "seconds": round(seconds, 3),
+        "workers": workers,
+        "native_parser": has_native_parser(),
+    }
+    if summary_path is not None:
+        write_metrics(summary_path, summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    files, seconds = summary["files"], summary["seconds"]
+    print(
+        f"parse: {files} files ({summary['megabytes']:.1f} MB) in {seconds:.1f} s "
+        f"({files / seconds:.0f} files/s, {summary['megabytes'] / seconds:.1f} MB/s, "
+        f"{summary['workers']} workers)"
+    )
+    print(f"  accepted {summary['accepted']}, rejected {summary['rejected']}, excluded {summary['excluded']}")
+    for reason, count in summary["by_reason"].items():
+        print(f"    {reason:<36} {count}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--raw-dir", type=Path, required=True, help="directory of .skeleton files")
+    parser.add_argument("--out-dir", type=Path, required=True, help="output directory (replaced atomically)")
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file ([parse] section)"
+    )
+    parser.add_argument("--workers", type=int, help="override parse.workers (0 = one per core)")
+    parser.add_argument("--summary", type=Path, help="write the summary JSON (DVC metrics) here")
+    args = parser.parse_args(argv)
+    try:
+        params = load_section(args.params, "parse", ParseParams)
+        if args.workers is not None:
+            params = ParseParams(**{**asdict(params), "workers": args.workers})
+            params.validate()
+        summary = run(params, raw_dir=args.raw_dir, out_dir=args.out_dir, summary_path=args.summary)
+    except (ParamsError, FileNotFoundError) as exc:
+        print(f"parse: error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
