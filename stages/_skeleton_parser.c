@@ -18,6 +18,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -214,6 +215,7 @@ static int fast_joint_line(Scanner *s, float *dst, uint8_t *trk) {
         if (m > ((uint64_t)1 << 53) || exp10 < -22 || exp10 > 22) return 0;
         double v = exp10 < 0 ? (double)m / POW10[-exp10] : (double)m * POW10[exp10];
         if (neg) v = -v;
+        if (i < NVAL && fabs(v) > FLT_MAX) return 0; /* the general path reports it */
         if (i < NVAL) dst[i] = (float)v;
         else if (i == 11) *trk = (uint8_t)(v >= 0 && v <= 255 ? v : 0);
     }
@@ -364,6 +366,12 @@ static int parse_all(Scanner *s, Out *o, long *frames_out, Error *err) {
                                      "line %ld: expected a 12-field joint line, found %d fields", s->line, s->ntok);
                 for (int i = 0; i < 12; i++) {
                     if (check_number(s, i, &v, err)) return -1;
+                    if (i < NVAL && fabs(v) > FLT_MAX) {
+                        char tok[40];
+                        token_repr(s->ts[i], s->te[i], tok, sizeof tok);
+                        return set_error(err, "non_finite", "line %ld field %d: '%s' is out of float32 range",
+                                         s->line, i + 1, tok);
+                    }
                     if (i < NVAL) dst[j * NVAL + i] = (float)v;
                     else if (i == 11) trk[j] = (uint8_t)(v >= 0 && v <= 255 ? v : 0);
                 }

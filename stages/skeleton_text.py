@@ -17,6 +17,7 @@ messages (a test holds them to it).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ except ImportError:  # pragma: no cover - exercised only where no C compiler was
 
 # Per-joint values kept from the 12 fields: x y z (metres), depthX depthY, colorX colorY (pixels).
 NUM_VALUES = 7
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SkeletonFormatError(ValueError):
@@ -67,13 +69,23 @@ class RawSkeleton:
         return self.values[:, :, 5:7]
 
 
+def _cut_mid_line(error: SkeletonFormatError, data: bytes) -> SkeletonFormatError:
+    """Name a file that stops in the middle of its last line as truncated, not as a bad field."""
+    match = re.match(r"line (\d+)", error.message)
+    if match and not data.endswith(b"\n") and int(match.group(1)) == data.count(b"\n") + 1:
+        return SkeletonFormatError(
+            "truncated", f"file ends in the middle of line {match.group(1)} ({error.message})"
+        )
+    return error
+
+
 def parse_skeleton(data: bytes) -> RawSkeleton:
     """Parse the bytes of a ``.skeleton`` file; raise :class:`SkeletonFormatError` if malformed."""
     if _native is None:
         return parse_skeleton_python(data)
     result = _native.parse(data)
     if len(result) == 2:
-        raise SkeletonFormatError(*result)
+        raise _cut_mid_line(SkeletonFormatError(*result), data)
     frames, counts, frame_index, ids, values, tracking = result
     return RawSkeleton(
         declared_frames=frames,
@@ -170,7 +182,14 @@ def _truncated(message: str) -> SkeletonFormatError:
 
 
 def parse_skeleton_python(data: bytes) -> RawSkeleton:
-    """Pure-Python version of :func:`parse_skeleton` (about 10x slower; same results)."""
+    """Pure-Python version of :func:`parse_skeleton` (about 50x slower; same results)."""
+    try:
+        return _parse_python(data)
+    except SkeletonFormatError as exc:
+        raise _cut_mid_line(exc, data) from None
+
+
+def _parse_python(data: bytes) -> RawSkeleton:
     lines = _Lines(data)
     if not lines.next():
         raise SkeletonFormatError("empty_file", "file is empty")
@@ -220,6 +239,13 @@ def parse_skeleton_python(data: bytes) -> RawSkeleton:
                         f"found {len(lines.tokens)} fields",
                     )
                 numbers = [_parse_number(lines, i) for i in range(12)]
+                for i in range(NUM_VALUES):
+                    if abs(numbers[i]) > _FLOAT32_MAX:
+                        raise SkeletonFormatError(
+                            "non_finite",
+                            f"line {lines.line} field {i + 1}: '{_token_repr(lines.tokens[i])}' "
+                            "is out of float32 range",
+                        )
                 record[j] = numbers[:NUM_VALUES]
                 states[j] = int(numbers[11]) if 0 <= numbers[11] <= 255 else 0
             frame_index.append(f)

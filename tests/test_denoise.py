@@ -1,0 +1,119 @@
+"""The standard NTU body selection, rule by rule, on crafted files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages.denoise import DenoiseError, select_actors
+from stages.skeleton_text import format_skeleton, parse_skeleton
+from tests.factory import FLAT, STANDING, as_written, body, moving
+
+A, B, C, D = 72057594037931101, 72057594037931102, 72057594037931103, 72057594037931104
+
+
+def select(frames):
+    return select_actors(parse_skeleton(format_skeleton(frames)))
+
+
+def track(template, frames, amplitude, seed):
+    return moving(template, frames, amplitude, seed)
+
+
+def test_single_body_kept_whole_even_if_short():
+    xyz = track(STANDING, 5, 0.05, 0)
+    result = select([[body(A, x)] for x in xyz])
+    assert result.joints.shape == (3, 5, 25, 2)
+    assert np.array_equal(result.joints[:, :, :, 0], as_written(xyz).transpose(2, 0, 1))
+    assert not result.joints[:, :, :, 1].any()
+    assert (result.bodies_seen, result.actors_kept) == (1, 1)
+
+
+def test_empty_frames_are_dropped():
+    xyz = track(STANDING, 30, 0.05, 0)
+    frames = [[]] * 3 + [[body(A, x)] for x in xyz[:10]] + [[]] + [[body(A, x)] for x in xyz[10:]] + [[]] * 2
+    result = select(frames)
+    assert result.joints.shape[1] == 30
+    assert np.array_equal(result.joints[:, 10, :, 0], as_written(xyz[10]).T)
+
+
+def test_short_noise_body_removed_by_length_rule():
+    person = track(STANDING, 40, 0.1, 0)
+    noise = track(STANDING + np.array([1.5, 0, 1.0]), 11, 0.5, 1)  # 11 frames: noise, despite motion
+    frames = [[body(A, person[t])] + ([body(B, noise[t - 5])] if 5 <= t < 16 else []) for t in range(40)]
+    result = select(frames)
+    assert result.dropped_by_length == 1
+    assert result.actors_kept == 1
+    assert np.array_equal(result.joints[:, :, :, 0], as_written(person).transpose(2, 0, 1))
+
+
+def test_flat_body_removed_by_spread_rule_even_with_more_motion():
+    person = track(STANDING, 40, 0.02, 0)
+    furniture = track(FLAT, 40, 0.3, 1)  # moves more, but wider than tall in every frame
+    result = select([[body(B, furniture[t]), body(A, person[t])] for t in range(40)])
+    assert result.dropped_by_spread == 1
+    assert result.actors_kept == 1
+    assert np.array_equal(result.joints[:, :, :, 0], as_written(person).transpose(2, 0, 1))
+
+
+def test_actor_one_is_the_body_with_most_motion():
+    calm = track(STANDING, 30, 0.01, 0)
+    lively = track(STANDING + np.array([1.0, 0, 0.3]), 30, 0.2, 1)
+    result = select([[body(A, calm[t]), body(B, lively[t])] for t in range(30)])
+    assert result.actors_kept == 2
+    assert np.array_equal(result.joints[:, :, :, 0], as_written(lively).transpose(2, 0, 1))
+    assert np.array_equal(result.joints[:, :, :, 1], as_written(calm).transpose(2, 0, 1))
+
+
+def test_changed_body_id_joins_actor_one():
+    # One person whose Kinect id changes at frame 20 (no overlap), and a calmer second person.
+    person = track(STANDING, 40, 0.2, 0)
+    other = track(STANDING + np.array([1.0, 0, 0.3]), 40, 0.01, 1)
+    frames = [[body(A if t < 20 else C, person[t]), body(B, other[t])] for t in range(40)]
+    result = select(frames)
+    assert result.bodies_seen == 3 and result.actors_kept == 2
+    assert np.array_equal(result.joints[:, :, :, 0], as_written(person).transpose(2, 0, 1))
+    assert np.array_equal(result.joints[:, :, :, 1], as_written(other).transpose(2, 0, 1))
+
+
+def test_body_overlapping_both_actors_is_discarded():
+    one = track(STANDING, 40, 0.3, 0)
+    two = track(STANDING + np.array([1.0, 0, 0]), 40, 0.2, 1)
+    third = track(STANDING + np.array([-1.0, 0, 0]), 20, 0.01, 2)  # overlaps both, least motion
+    frames = [
+        [body(A, one[t]), body(B, two[t])] + ([body(C, third[t - 10])] if 10 <= t < 30 else [])
+        for t in range(40)
+    ]
+    result = select(frames)
+    assert result.dropped_by_overlap == 1
+    assert np.array_equal(result.joints[:, :, :, 1], as_written(two).transpose(2, 0, 1))
+
+
+def test_frames_with_both_actors_empty_are_dropped():
+    # Actor 1 in frames 0-19, a second long body (less motion) in 25-39 joins actor 1 (no overlap);
+    # a third short-lived body in 20-24 is noise, so frames 20-24 end up empty and are dropped.
+    first = track(STANDING, 20, 0.3, 0)
+    later = track(STANDING, 15, 0.02, 1)
+    blip = track(STANDING, 5, 0.02, 2)
+    frames = (
+        [[body(A, first[t])] for t in range(20)]
+        + [[body(D, x)] for x in blip]
+        + [[body(B, x)] for x in later]
+    )
+    result = select(frames)
+    assert result.dropped_by_length == 1
+    assert result.joints.shape[1] == 35
+    assert np.array_equal(result.joints[:, 20:, :, 0], as_written(later).transpose(2, 0, 1))
+
+
+def test_no_body_at_all_is_rejected():
+    with pytest.raises(DenoiseError, match="no body in any of the 3 frames") as info:
+        select([[], [], []])
+    assert info.value.code == "no_body"
+
+
+def test_only_noise_bodies_is_rejected():
+    short = track(STANDING, 8, 0.1, 0)
+    with pytest.raises(DenoiseError, match="none is seen in more than 11 frames") as info:
+        select([[body(A, short[t]), body(B, short[t] + 0.5)] for t in range(8)])
+    assert info.value.code == "denoised_away"

@@ -1,0 +1,184 @@
+"""The parse stage on a directory mixing valid and malformed files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from stages import parse
+from stages.denoise import select_actors
+from stages.skeleton_text import format_skeleton, parse_skeleton
+from stages.store import open_store
+from tests.factory import STANDING, body, moving
+
+ID = 72057594037931101
+
+
+def person_file(frames: int, seed: int, second: bool = False) -> bytes:
+    xyz = moving(STANDING, frames, 0.1, seed)
+    other = moving(STANDING + np.array([1.0, 0, 0.2]), frames, 0.05, seed + 100)
+    return format_skeleton(
+        [[body(ID, x)] + ([body(ID + 1, o)] if second else []) for x, o in zip(xyz, other, strict=True)]
+    )
+
+
+GOOD = {
+    "S001C001P001R001A008": person_file(40, 1),
+    "S001C002P002R001A009": person_file(55, 2),
+    "S002C003P003R002A050": person_file(35, 3, second=True),
+    "S001C002P005R002A008": person_file(30, 4),  # on the official missing lists
+    "S001C001P001R001A010": person_file(30, 5),  # class 10 not selected below
+}
+BAD = {
+    "S003C001P001R001A008": b"",
+    "S003C001P002R001A008": person_file(40, 6)[:3000],
+    "S003C001P003R001A008": b"\x00\xff" * 40,
+    "S003C001P004R001A008": person_file(40, 7).replace(b"\r\n25\r\n", b"\r\n20\r\n", 1),
+    "S003C001P005R001A008": b"1\r\n0\r\n",
+    "not_an_ntu_name": person_file(30, 8),
+}
+PARAMS = parse.ParseParams(dataset="ntu120", classes=(8, 9, 50), workers=1, shard_samples=2, chunk_samples=1)
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    (root / "sub").mkdir()
+    for name, data in {**GOOD, **BAD}.items():
+        (root / "sub" if name.endswith("A050") else root).joinpath(f"{name}.skeleton").write_bytes(data)
+    (root / "README.txt").write_text("not a skeleton file: ignored")
+    return root
+
+
+@pytest.fixture(scope="module")
+def parsed(raw_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("parsed") / "parsed"
+    summary = parse.run(PARAMS, raw_dir=raw_dir, out_dir=out, summary_path=out.parent / "summary.json")
+    rows = {r["name"]: r for r in pq.read_table(out / "samples.parquet").to_pylist()}
+    return out, summary, rows
+
+
+def test_every_file_gets_a_row_with_status_and_reason(parsed):
+    _, summary, rows = parsed
+    assert set(rows) == set(GOOD) | set(BAD)
+    assert (summary["accepted"], summary["rejected"], summary["excluded"]) == (3, 6, 2)
+    codes = {name: (r["status"], r["reason_code"]) for name, r in rows.items() if r["status"] != "accepted"}
+    assert codes == {
+        "S001C002P005R002A008": ("excluded", "missing_list"),
+        "S001C001P001R001A010": ("excluded", "class_not_selected"),
+        "S003C001P001R001A008": ("rejected", "empty_file"),
+        "S003C001P002R001A008": ("rejected", "truncated"),
+        "S003C001P003R001A008": ("rejected", "binary"),
+        "S003C001P004R001A008": ("rejected", "bad_joint_count"),
+        "S003C001P005R001A008": ("rejected", "no_body"),
+        "not_an_ntu_name": ("rejected", "bad_name"),
+    }
+    assert "body has 20 joints, expected 25" in rows["S003C001P004R001A008"]["reason"]
+    assert summary["by_reason"]["rejected:binary"] == 1
+
+
+def test_rows_carry_ids_splits_and_counts(parsed):
+    _, _, rows = parsed
+    row = rows["S002C003P003R002A050"]
+    assert (row["setup"], row["camera"], row["performer"], row["replication"], row["action"]) == (
+        2,
+        3,
+        3,
+        2,
+        50,
+    )
+    assert (row["label"], row["raw_frames"], row["kept_frames"], row["bodies_seen"], row["actors_kept"]) == (
+        2, 35, 35, 2, 2,
+    )  # fmt: skip
+    assert row["file"] == "sub/S002C003P003R002A050.skeleton"
+    assert (row["ntu60_xsub"], row["ntu60_xview"], row["ntu120_xsub"], row["ntu120_xset"]) == (
+        "test", "train", "test", "train",
+    )  # fmt: skip
+
+
+def test_store_contract_and_valid_files_unaltered(parsed, raw_dir):
+    out, _, rows = parsed
+    group = open_store(out / "skeletons.zarr", required=("joints", "colors"))
+    joints, colors = group["joints"], group["colors"]
+    assert joints.shape == (3, 3, 300, 25, 2) and colors.shape == (3, 2, 300, 25, 2)
+    assert joints.dtype == np.float32 and group["lengths"].dtype == np.int32
+    assert dict(group.attrs)["class_ids"] == [8, 9, 50] and dict(group.attrs)["layout"] == "N,C,T,V,M"
+    for name in ("S001C001P001R001A008", "S001C002P002R001A009", "S002C003P003R002A050"):
+        row = rows[name]
+        expected = select_actors(parse_skeleton(GOOD[name]))
+        i, length = row["index"], row["kept_frames"]
+        assert group["lengths"][i] == length and group["labels"][i] == row["label"]
+        assert np.array_equal(joints[i, :, :length], expected.joints)
+        assert np.array_equal(colors[i, :, :length], expected.colors)
+        assert not joints[i, :, length:].any()
+    assert json.loads((out.parent / "summary.json").read_text())["accepted"] == 3
+    assert "seconds" not in json.loads((out.parent / "summary.json").read_text())
+
+
+def test_same_output_with_two_workers(parsed, raw_dir, tmp_path):
+    out, _, _ = parsed
+    other = tmp_path / "parsed2"
+    parse.run(dataclasses.replace(PARAMS, workers=2), raw_dir=raw_dir, out_dir=other)
+    a, b = (
+        zarr.open_group(str(out / "skeletons.zarr"), mode="r"),
+        zarr.open_group(str(other / "skeletons.zarr")),
+    )
+    for name in ("joints", "colors", "lengths", "labels"):
+        assert np.array_equal(a[name][:], b[name][:])
+    assert pq.read_table(out / "samples.parquet").equals(pq.read_table(other / "samples.parquet"))
+
+
+def test_longer_samples_grow_the_store(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "S001C001P001R001A001.skeleton").write_bytes(person_file(20, 1))
+    (tmp_path / "raw" / "S001C001P001R001A002.skeleton").write_bytes(person_file(70, 2))
+    params = dataclasses.replace(PARAMS, dataset="synthetic", classes="all", max_frames=30)
+    summary = parse.run(params, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    group = zarr.open_group(str(tmp_path / "out" / "skeletons.zarr"), mode="r")
+    assert group["joints"].shape[2] == 90 and summary["max_frames"] == 90
+    assert group["lengths"][:].tolist() == [20, 70] and group["labels"][:].tolist() == [0, 1]
+    assert (
+        group["joints"][1, :, 69].any()
+        and group["joints"][0, :, 19].any()
+        and not group["joints"][0, :, 20:].any()
+    )
+
+
+def test_failed_run_leaves_previous_output_untouched(tmp_path, monkeypatch):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "S001C001P001R001A001.skeleton").write_bytes(person_file(20, 1))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "marker").write_text("previous")
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(parse._ShardWriter, "flush", explode)
+    with pytest.raises(RuntimeError, match="disk full"):
+        parse.run(dataclasses.replace(PARAMS, classes="all"), raw_dir=tmp_path / "raw", out_dir=out)
+    assert {p.name for p in tmp_path.iterdir()} == {"raw", "out"}  # no temporary directory left behind
+    assert (out / "marker").read_text() == "previous"
+
+
+def test_cli_reports_configuration_errors(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("parse:\n  dataset: ntu120\n  workerz: 2\n")
+    assert (
+        parse.main(["--raw-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--params", str(params)])
+        == 2
+    )
+    assert "unknown key(s) workerz" in capsys.readouterr().err
+    params.write_text("parse:\n  dataset: ntu120\n")
+    assert (
+        parse.main(
+            ["--raw-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "o"), "--params", str(params)]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,176 @@
+"""The .skeleton parser: exact values, every malformed-input kind, and C/Python agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages import skeleton_text as st
+from tests.factory import STANDING, as_written, body, moving
+
+ID_A = 72057594037931101
+ID_B = 72057594037931102  # float64 cannot tell these two apart
+
+PARSERS = [pytest.param(st.parse_skeleton, id="native"), pytest.param(st.parse_skeleton_python, id="python")]
+
+# The first body line and joint line of a real NTU file (S001C001P001R001A001), verbatim.
+REAL_FRAME = (
+    b"1\r\n1\r\n72057594037931101 0 1 1 1 1 0 0.02764709 0.05745083 2\r\n25\r\n"
+    + b"0.2181813 0.1725006 3.785027 277.4376 191.9117 1036.508 519.1667 "
+    b"-0.2454222 0.0247218 0.9689068 -0.00952301 2\r\n" * 25
+)
+
+
+def two_body_file(newline: str = "\r\n") -> tuple[bytes, np.ndarray, np.ndarray]:
+    xyz_a, xyz_b = (
+        moving(STANDING, 4, 0.1, seed=1),
+        moving(STANDING + np.array([1.0, 0, 0.5]), 4, 0.1, seed=2),
+    )
+    frames = [
+        [body(ID_A, xyz_a[0])],
+        [],
+        [body(ID_A, xyz_a[2]), body(ID_B, xyz_b[2])],
+        [body(ID_B, xyz_b[3])],
+    ]
+    return st.format_skeleton(frames, newline=newline), xyz_a, xyz_b
+
+
+def test_native_parser_is_built():
+    assert st.has_native_parser(), "the C extension should be built by `make install`"
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+def test_real_ntu_lines_parse_to_exact_values(parse):
+    raw = parse(REAL_FRAME)
+    assert raw.declared_frames == 1 and raw.body_ids.tolist() == [ID_A]
+    expected = np.float32([0.2181813, 0.1725006, 3.785027, 277.4376, 191.9117, 1036.508, 519.1667])
+    assert np.array_equal(raw.values[0, 0], expected)
+    assert raw.tracking[0].tolist() == [2] * 25
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+@pytest.mark.parametrize("newline", ["\r\n", "\n"])
+def test_two_bodies_empty_frame_and_exact_ids(parse, newline):
+    data, xyz_a, xyz_b = two_body_file(newline)
+    assert (b"\r\n" in data) == (newline == "\r\n")
+    raw = parse(data)
+    assert raw.declared_frames == 4
+    assert raw.body_counts.tolist() == [1, 0, 2, 1]
+    assert raw.frame_index.tolist() == [0, 2, 2, 3]
+    assert raw.body_ids.dtype == np.uint64
+    assert raw.body_ids.tolist() == [ID_A, ID_A, ID_B, ID_B]
+    assert np.array_equal(raw.joints[0], as_written(xyz_a[0]))
+    assert np.array_equal(raw.joints[3], as_written(xyz_b[3]))
+    colors = as_written(980 + 1081 * xyz_b[3][:, 0] / xyz_b[3][:, 2])
+    assert np.array_equal(raw.colors[3][:, 0], colors)
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+@pytest.mark.parametrize(
+    "token",
+    [
+        "1e-5",
+        "-7.45058e-09",
+        "1.5E+2",
+        "+3",
+        ".5",
+        "5.",
+        "0.000000000000000000001234567",
+        "123456789012345678901",
+    ],
+)
+def test_number_forms_match_python_float(parse, token):
+    data = REAL_FRAME.replace(b"0.2181813 ", token.encode() + b" ", 1)
+    assert parse(data).values[0, 0, 0] == np.float32(float(token))
+
+
+def _with(old: bytes, new: bytes) -> bytes:
+    return REAL_FRAME.replace(old, new, 1)
+
+
+HEADER_END = REAL_FRAME.index(b"25\r\n") + 4
+
+BAD_INPUTS = {
+    "empty_file": (b"", "file is empty"),
+    "blank_only": (b"\r\n  \r\n", "file is empty"),
+    "zero_frames": (b"0\r\n", "declares 0 frames"),
+    "truncated": (REAL_FRAME[:HEADER_END] + b"0.1 0.2 3 1 2 3 4 1 0 0 0 2\r\n", "ends inside frame 1"),
+    "cut_mid_line": (REAL_FRAME[:200], "file ends in the middle of line 6"),
+    "frame_count_lies_high": (b"2" + REAL_FRAME[1:], "ends before frame 2 of 2"),
+    "frame_count_lies_low": (REAL_FRAME + b"1\r\n", "declared 1 frames but the data goes on"),
+    "bad_joint_count": (_with(b"\r\n25\r\n", b"\r\n24\r\n"), "body has 24 joints, expected 25"),
+    "short_joint_line": (_with(b" -0.00952301 2\r\n", b" 2\r\n"), "expected a 12-field joint line, found 11"),
+    "non_numeric": (_with(b"277.4376", b"27x.4376"), "'27x.4376' is not a number"),
+    "nan": (_with(b"3.785027", b"nan"), "non-finite value 'nan'"),
+    "inf": (_with(b"3.785027", b"-inf"), "non-finite value '-inf'"),
+    "overflow": (_with(b"3.785027", b"1e999"), "non-finite value '1e999'"),
+    "float32_overflow": (_with(b"3.785027", b"1e300"), "'1e300' is out of float32 range"),
+    "bad_body_id": (_with(b"72057594037931101", b"7205759403793110x"), "bodyID '7205759403793110x'"),
+    "negative_count": (b"-1\r\n", "frame count '-1' is not a non-negative integer"),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00", "binary data (byte 0x89 at offset 0, line 1)"),
+    "nul_inside": (_with(b"0.1725006", b"0.17\x0025006"), "binary data (byte 0x00"),
+}
+
+EXPECTED_CODE = {
+    "blank_only": "empty_file",
+    "cut_mid_line": "truncated",
+    "frame_count_lies_high": "truncated",
+    "frame_count_lies_low": "trailing_data",
+    "short_joint_line": "bad_field_count",
+    "nan": "non_finite",
+    "inf": "non_finite",
+    "overflow": "non_finite",
+    "float32_overflow": "non_finite",
+    "negative_count": "bad_count",
+    "nul_inside": "binary",
+}
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_malformed_input_gets_code_and_reason(parse, kind):
+    data, phrase = BAD_INPUTS[kind]
+    with pytest.raises(st.SkeletonFormatError) as info:
+        parse(data)
+    assert info.value.code == EXPECTED_CODE.get(kind, kind)
+    assert phrase in info.value.message
+
+
+def _mutations(data: bytes, count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    alphabet = np.frombuffer(b"0123456789.-+eE \r\nxn\x00\t", dtype=np.uint8)
+    for _ in range(count):
+        buf = bytearray(data)
+        for _ in range(int(rng.integers(1, 4))):
+            pos = int(rng.integers(0, len(buf)))
+            action = rng.integers(0, 3)
+            if action == 0:
+                buf[pos] = int(rng.choice(alphabet))
+            elif action == 1:
+                del buf[pos]
+            else:
+                buf[pos:pos] = bytes([int(rng.choice(alphabet))])
+        yield bytes(buf)
+
+
+def test_native_and_python_parsers_agree_on_mutated_files():
+    data, _, _ = two_body_file()
+    outcomes = set()
+    for mutated in _mutations(data, 300, seed=7):
+        results = []
+        for parse in (st.parse_skeleton, st.parse_skeleton_python):
+            try:
+                raw = parse(mutated)
+                results.append(("ok", raw.body_ids.tolist(), raw.values.tobytes(), raw.body_counts.tolist()))
+            except st.SkeletonFormatError as exc:
+                results.append((exc.code, exc.message))
+        assert results[0] == results[1], mutated
+        outcomes.add(results[0][0])
+    assert {"ok", "non_numeric", "bad_field_count"} <= outcomes  # the fuzzing reached varied paths
+
+
+def test_writer_refuses_wrong_joint_shape():
+    bad = body(ID_A, STANDING)
+    bad.joints = bad.joints[:24]
+    with pytest.raises(ValueError, match="must be \\(25, 11\\)"):
+        st.format_skeleton([[bad]])
