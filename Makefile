@@ -6,11 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install lock lint bench clean-venv
 
+# dvc.yaml commands call `python`: put the venv first on PATH so they run in it.
+export PATH := $(abspath $(BIN)):$(PATH)
+
 run: $(STAMP)
-	$(BIN)/dvc repro
+	dvc repro
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	python -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
 
@@ -24,12 +27,12 @@ $(STAMP): requirements.lock setup.py pyproject.toml stages/_skeleton_parser.c
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	ruff check .
+	ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.parse_throughput
-	$(BIN)/python -m benchmarks.loader_throughput
+	python -m benchmarks.parse_throughput --files 2000 --rss-sizes 1000,20000
+	python -m benchmarks.loader_throughput
 
 # Re-resolve requirements.in into requirements.lock in a throw-away venv.
 lock:

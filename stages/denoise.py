@@ -14,6 +14,12 @@ and most later work reuse), so the tensors match the public pipelines:
 3. A file with a single bodyID keeps it whole.
 
 A file from which no body survives is rejected with the reason (the reference crashes on it).
+
+One deliberate difference: the reference starts actor 2's interval at a virtual ``[0, 0]`` and
+widens it with ``min(start, start2)``, so actor 2 always "starts" at frame 0 and a second person whose
+Kinect id changes mid-sequence loses every frame before the change (the earlier body is discarded as
+overlapping both actors). Here actor 2's interval starts empty, so both halves of that person are kept;
+everything else matches the reference frame for frame.
 """
 
 from __future__ import annotations
@@ -145,14 +151,18 @@ def select_actors(raw: RawSkeleton) -> Selection:
         actor1, rest = ranked[0], ranked[1:]
         _place(out, values, actor1, 0)
         start1, end1 = actor1.start, actor1.end
-        start2, end2 = 0, 0  # the reference's virtual initial interval of actor 2
+        interval2: tuple[int, int] | None = None  # actor 2 starts empty (see the module docstring)
         for body in rest:
             if min(end1, body.end) - max(start1, body.start) <= 0:  # no overlap with actor 1
                 _place(out, values, body, 0)
                 start1, end1 = min(body.start, start1), max(body.end, end1)
-            elif min(end2, body.end) - max(start2, body.start) <= 0:  # no overlap with actor 2
+            elif interval2 is None or min(interval2[1], body.end) - max(interval2[0], body.start) <= 0:
                 _place(out, values, body, 1)
-                start2, end2 = min(body.start, start2), max(body.end, end2)
+                interval2 = (
+                    (body.start, body.end)
+                    if interval2 is None
+                    else (min(body.start, interval2[0]), max(body.end, interval2[1]))
+                )
             else:
                 by_overlap += 1
         # Drop frames where both actors are empty (the reference's remove_missing_frames).

@@ -76,6 +76,16 @@ def test_changed_body_id_joins_actor_one():
     assert np.array_equal(result.joints[:, :, :, 1], as_written(other).transpose(2, 0, 1))
 
 
+def test_second_person_keeps_both_halves_of_a_changed_id():
+    # The reference's virtual [0, 0] start for actor 2 would discard the first half (frames 0-19).
+    lively = track(STANDING, 40, 0.3, 0)
+    calm = track(STANDING + np.array([1.0, 0, 0.3]), 40, 0.05, 1)
+    frames = [[body(A, lively[t]), body(B if t < 20 else C, calm[t])] for t in range(40)]
+    result = select(frames)
+    assert (result.bodies_seen, result.actors_kept, result.dropped_by_overlap) == (3, 2, 0)
+    assert np.array_equal(result.joints[:, :, :, 1], as_written(calm).transpose(2, 0, 1))
+
+
 def test_body_overlapping_both_actors_is_discarded():
     one = track(STANDING, 40, 0.3, 0)
     two = track(STANDING + np.array([1.0, 0, 0]), 40, 0.2, 1)

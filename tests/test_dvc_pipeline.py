@@ -1,0 +1,63 @@
+"""End to end: `dvc repro` on a copy of the project with a tiny corpus; the second run does nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+import zarr
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def dvc(project: Path, *args: str) -> str:
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [str(bin_dir / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, project / name)
+    for package in ("models", "stages"):
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["synthesize"].update(num_subjects=4, num_setups=2, num_sessions=4, workers=1)
+    params["parse"]["workers"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    dvc(project, "init", "-q")
+    dvc(project, "config", "core.analytics", "false")
+    return project
+
+
+def test_repro_builds_the_dataset_then_skips_everything(project):
+    first = dvc(project, "repro")
+    for stage in ("synthesize", "parse", "features"):
+        assert f"Running stage '{stage}'" in first
+    parse_metrics = json.loads((project / "data/reports/parse.json").read_text())
+    assert parse_metrics["accepted"] > 0 and parse_metrics["files"] == len(
+        list((project / "data/raw/synthetic").glob("*.skeleton"))
+    )
+    store = zarr.open_group(str(project / "data/features/features.zarr"), mode="r")
+    rows = pq.read_table(project / "data/features/samples.parquet")
+    assert store["joint"].shape[0] == rows.num_rows == parse_metrics["accepted"]
+    second = dvc(project, "repro")
+    assert "Running stage" not in second
+    assert "up to date" in dvc(project, "status")
+    metrics = dvc(project, "metrics", "show")
+    assert "data/reports/parse.json" in metrics and "accepted" in metrics
