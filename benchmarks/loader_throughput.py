@@ -1,6 +1,6 @@
 """Training-loader throughput: samples/s with 0, 1 and 2 worker processes.
 
-    python -m benchmarks.loader_throughput [--features-dir data/features] [--batches 40]
+    python -m benchmarks.loader_throughput [--features-dir data/features] [--batches 120]
 
 Reads the features store that ``dvc repro`` builds (``make run`` first). For each worker count it
 iterates shuffled training batches of the X-Sub split with the train-time augmentation (random
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--features-dir", type=Path, default=Path("data/features"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--stream", default="joint")
     args = parser.parse_args(argv)

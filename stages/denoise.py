@@ -82,6 +82,8 @@ def _motion(joints: np.ndarray) -> float:
 
 def _group_bodies(raw: RawSkeleton) -> tuple[list[_Body], int]:
     valid = raw.body_counts > 0
+    if raw.body_ids.min() == raw.body_ids.max():  # the common case: one bodyID, all frames
+        return [_Body(int(raw.body_ids[0]), np.arange(len(raw.body_ids)), 0, 0.0)], int(valid.sum())
     valid_index = np.cumsum(valid) - 1  # frame -> index among the frames that have bodies
     ids, first = np.unique(raw.body_ids, return_index=True)
     bodies = []
@@ -144,6 +146,7 @@ def select_actors(raw: RawSkeleton) -> Selection:
     values = raw.values  # R, 25, 7
     out = np.zeros((num_frames, NUM_JOINTS, values.shape[2], MAX_ACTORS), dtype=np.float32)
     by_length = by_spread = by_overlap = 0
+    actors_kept = 1
     if len(bodies) == 1:
         _place(out, values, bodies[0], 0)
     else:
@@ -165,13 +168,13 @@ def select_actors(raw: RawSkeleton) -> Selection:
                 )
             else:
                 by_overlap += 1
+        actors_kept = 1 + (interval2 is not None)
         # Drop frames where both actors are empty (the reference's remove_missing_frames).
         xyz_sum = out[:, :, 0:3, :].sum(axis=(1, 2, 3))
         out = out[xyz_sum != 0]
         if out.shape[0] == 0:
             raise DenoiseError("denoised_away", "no frame keeps a body after denoising")
     out = out.transpose(2, 0, 1, 3)  # 7, T, 25, M
-    actors_kept = int(np.any(out[0:3] != 0, axis=(0, 1, 2)).sum())
     return Selection(
         joints=np.ascontiguousarray(out[0:3]),
         colors=np.ascontiguousarray(out[5:7]),

