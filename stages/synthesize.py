@@ -15,7 +15,7 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from stages.ntu_files import MUTUAL_ACTIONS, SampleName, class_names
 from stages.params import ParamsError, load_section
+from stages.store import atomic_directory
 from stages.synth.actions import PROGRAMS
 from stages.synth.sample import SyntheticSample, corpus_names, corpus_subjects, generate_sample
 
@@ -97,33 +98,30 @@ def run(params: SynthesizeParams, *, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     names = corpus_names(params)
     workers = params.workers or os.cpu_count() or 1
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    jobs = [(name, params, str(tmp)) for name in names]
-    try:
+    with atomic_directory(out_dir) as tmp:
+        jobs = [(name, params, str(tmp)) for name in names]
         if workers == 1:
             results = [_write_one(job) for job in tqdm(jobs, desc="synthesize", unit="file")]
         else:
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 stream = pool.imap(_write_one, jobs, chunksize=8)
                 results = list(tqdm(stream, total=len(jobs), desc="synthesize", unit="file"))
-        summary = _summary(params, names, results, time.perf_counter() - start)
+        summary = _summary(params, names, results)
         manifest = dict(
             summary, samples=[{"name": n, "frames": f, "faults": list(k)} for n, f, _, k in results]
         )
         (tmp / "corpus.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    summary["seconds"] = round(time.perf_counter() - start, 2)  # printed, not in the (deterministic) manifest
     return summary
 
 
-def _summary(params, names, results, seconds: float) -> dict:
+def _summary(params, names, results) -> dict:
     by_name = {n.name: n for n in names}
     frames = [f for _, f, _, _ in results]
     return {
-        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()},
+        "params": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items() if k != "workers"
+        },
         "classes": {str(c): class_names()[c] for c in params.classes},
         "mutual_classes": [c for c in params.classes if c in MUTUAL_ACTIONS],
         "subjects": corpus_subjects(params),
@@ -132,20 +130,10 @@ def _summary(params, names, results, seconds: float) -> dict:
         "count_by_fault": dict(sorted(Counter(k for *_, ks in results for k in ks).items())),
         "frames": {"min": min(frames), "max": max(frames), "mean": round(sum(frames) / len(frames), 2)},
         "bytes": sum(b for _, _, b, _ in results),
-        "seconds": round(seconds, 2),
     }
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` over ``out_dir``; the old directory is moved aside first and removed after."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)"
@@ -154,18 +142,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-sessions", type=int, help="override num_sessions (96 files each by default)")
     parser.add_argument("--workers", type=int, help="override workers (0 = all cores)")
     args = parser.parse_args(argv)
-    params = load_section(args.params, "synthesize", SynthesizeParams)
-    overrides = {
-        k: v for k, v in (("num_sessions", args.num_sessions), ("workers", args.workers)) if v is not None
-    }
-    if overrides:
-        params = replace(params, **overrides)
-        params.validate()
+    try:
+        params = load_section(args.params, "synthesize", SynthesizeParams)
+        overrides = {
+            k: v for k, v in (("num_sessions", args.num_sessions), ("workers", args.workers)) if v is not None
+        }
+        if overrides:
+            params = replace(params, **overrides)
+            params.validate()
+    except ParamsError as exc:
+        print(f"synthesize: error: {exc}", file=sys.stderr)
+        return 2
     summary = run(params, out_dir=args.out_dir)
     print(
         json.dumps({k: summary[k] for k in ("num_samples", "count_by_fault", "frames", "bytes", "seconds")})
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
