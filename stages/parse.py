@@ -13,6 +13,7 @@ selected). A bad file never stops the stage.
 from __future__ import annotations
 
 import argparse
+import array as arraylib
 import collections
 import multiprocessing
 import os
@@ -210,8 +211,8 @@ class _ShardWriter:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
         self.fill = 0
         self.written = 0
-        self.lengths: list[int] = []
-        self.labels: list[int] = []
+        self.lengths = arraylib.array("i")  # 4 bytes a sample, not a Python int each
+        self.labels = arraylib.array("i")
 
     def _buffers(self) -> dict[str, np.ndarray]:
         shape = (self.params.shard_samples, self.frames, 25, 2)
@@ -286,16 +287,26 @@ def _batched(items, size: int):
         yield batch
 
 
-def discover(raw_dir: Path) -> list[Path]:
-    """All ``*.skeleton`` files under ``raw_dir`` (recursively), sorted by file name then path."""
+def discover(raw_dir: Path) -> list[str]:
+    """All ``*.skeleton`` files under ``raw_dir`` (recursively), sorted by file name then path.
+
+    Plain strings, not ``Path`` objects: for 100k+ files the list is a tenth of the memory.
+    """
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"raw directory {raw_dir} does not exist or is not a directory")
-    return sorted(raw_dir.rglob("*.skeleton"), key=lambda p: (p.name, str(p)))
+    found = [
+        (name, os.path.join(root, name))
+        for root, _, names in os.walk(raw_dir)
+        for name in names
+        if name.endswith(".skeleton")
+    ]
+    found.sort()
+    return [path for _, path in found]
 
 
-def _results(paths: list[Path], settings: _Settings, workers: int):
+def _results(paths: list[str], settings: _Settings, workers: int):
     """Yield per-file results in input order, with at most a few tasks in flight per worker."""
-    batches = _batched((str(p) for p in paths), FILES_PER_TASK)
+    batches = _batched(paths, FILES_PER_TASK)
     if workers == 1:
         _init_worker(settings)
         for batch in batches:
@@ -363,8 +374,8 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
         group = zarr.open_group(str(tmp / "skeletons.zarr"), mode="w")
         with _ShardWriter(group, params) as writer:
             tally = _collect(_results(paths, settings, workers), writer, tmp / "samples.parquet", len(paths))
-        write_vector(group, "lengths", np.asarray(writer.lengths, dtype=np.int32))
-        write_vector(group, "labels", np.asarray(writer.labels, dtype=np.int32))
+        write_vector(group, "lengths", np.frombuffer(writer.lengths, dtype=np.int32))
+        write_vector(group, "labels", np.frombuffer(writer.labels, dtype=np.int32))
         names = ntu_files.class_names()
         group.attrs.update(
             {
