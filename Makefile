@@ -1,5 +1,9 @@
 # The two commands of the README: `make run` (set up, then build the DAG) and `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip warns once per package about index locations of this machine's pip config that lack it: noise.
+QUIET_PIP := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -20,9 +24,9 @@ install: $(STAMP)
 # Re-install when the lock file or the compiled parser changes.
 $(STAMP): requirements.lock setup.py pyproject.toml stages/_skeleton_parser.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" $(QUIET_PIP)
+	$(BIN)/python -m pip install --quiet -r requirements.lock $(QUIET_PIP)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	$(BIN)/python -c "import stages._skeleton_parser"
 	touch $(STAMP)
 
