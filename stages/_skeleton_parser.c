@@ -319,6 +319,8 @@ static int parse_all(Scanner *s, Out *o, long *frames_out, Error *err) {
     if (r == 0) return set_error(err, "empty_file", "file is empty");
     if (parse_count(s, "frame count", &frames, err)) return -1;
     if (frames == 0) return set_error(err, "zero_frames", "file declares 0 frames");
+    if (frames > s->len / 2) /* every frame takes at least 2 bytes: bound the allocation below */
+        return set_error(err, "truncated", "file declares %ld frames but holds only %zd bytes", frames, s->len);
     o->counts = malloc((size_t)frames * sizeof *o->counts);
     if (!o->counts) return set_error(err, "memory", "out of memory");
     *frames_out = frames;

@@ -80,7 +80,19 @@ def _motion(joints: np.ndarray) -> float:
     return float(np.sum(np.var(np.ascontiguousarray(joints).reshape(-1, 3), axis=0)))
 
 
+def _check_unique_per_frame(raw: RawSkeleton) -> None:
+    pairs = raw.frame_index.astype(np.uint64) * np.uint64(2**32) + (raw.body_ids % np.uint64(2**32))
+    if len(np.unique(pairs)) == len(pairs):
+        return
+    ids_per_frame: dict[tuple[int, int], int] = {}
+    for frame, body in zip(raw.frame_index.tolist(), raw.body_ids.tolist(), strict=True):
+        if (frame, body) in ids_per_frame:
+            raise DenoiseError("duplicate_body_id", f"bodyID {body} appears twice in frame {frame + 1}")
+        ids_per_frame[(frame, body)] = 1
+
+
 def _group_bodies(raw: RawSkeleton) -> tuple[list[_Body], int]:
+    _check_unique_per_frame(raw)
     valid = raw.body_counts > 0
     if raw.body_ids.min() == raw.body_ids.max():  # the common case: one bodyID, all frames
         return [_Body(int(raw.body_ids[0]), np.arange(len(raw.body_ids)), 0, 0.0)], int(valid.sum())

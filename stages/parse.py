@@ -161,6 +161,8 @@ def process_file(path: str, settings: _Settings) -> tuple[dict, np.ndarray | Non
     except DenoiseError as exc:
         row["bodies_seen"] = len(np.unique(raw.body_ids))
         return _reject(row, "rejected", exc.code, exc.message)
+    except Exception as exc:  # a bug must not stop the stage or lose the other files: record it
+        return _reject(row, "rejected", "internal_error", f"{type(exc).__name__}: {exc} (please report)")
     row.update(
         status="accepted",
         kept_frames=chosen.joints.shape[1],

@@ -147,7 +147,8 @@ def _parse_number(lines: _Lines, i: int) -> float:
         raise SkeletonFormatError(
             "non_finite", f"line {lines.line} field {i + 1}: non-finite value '{_token_repr(token)}'"
         )
-    valid = bool(lowered) and "_" not in text and lowered[0] in "0123456789."
+    # The C parser's slow path takes at most 127 characters; longer tokens are not numbers there.
+    valid = bool(lowered) and "_" not in text and lowered[0] in "0123456789." and len(text) < 128
     try:
         value = float(text) if valid else None
     except ValueError:
@@ -196,6 +197,8 @@ def _parse_python(data: bytes) -> RawSkeleton:
     frames = _parse_count(lines, "frame count")
     if frames == 0:
         raise SkeletonFormatError("zero_frames", "file declares 0 frames")
+    if frames > len(data) // 2:  # every frame takes at least 2 bytes ("0" and a newline)
+        raise _truncated(f"file declares {frames} frames but holds only {len(data)} bytes")
     counts, frame_index, ids, values, tracking = [], [], [], [], []
     for f in range(frames):
         if not lines.next():

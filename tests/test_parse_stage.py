@@ -166,6 +166,19 @@ def test_failed_run_leaves_previous_output_untouched(tmp_path, monkeypatch):
     assert (out / "marker").read_text() == "previous"
 
 
+def test_an_unexpected_error_becomes_a_rejected_row(tmp_path, monkeypatch):
+    (tmp_path / "S001C001P001R001A001.skeleton").write_bytes(person_file(20, 1))
+
+    def broken(raw):
+        raise IndexError("index 7 is out of bounds")
+
+    monkeypatch.setattr(parse, "select_actors", broken)
+    settings = parse._Settings(dataset="synthetic", labels={1: 0}, missing=frozenset(), raw_dir=str(tmp_path))
+    row, joints, _ = parse.process_file(str(tmp_path / "S001C001P001R001A001.skeleton"), settings)
+    assert joints is None and (row["status"], row["reason_code"]) == ("rejected", "internal_error")
+    assert "IndexError: index 7 is out of bounds" in row["reason"]
+
+
 def test_cli_reports_configuration_errors(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("parse:\n  dataset: ntu120\n  workerz: 2\n")

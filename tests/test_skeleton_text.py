@@ -107,6 +107,8 @@ BAD_INPUTS = {
     "float32_overflow": (_with(b"3.785027", b"1e300"), "'1e300' is out of float32 range"),
     "bad_body_id": (_with(b"72057594037931101", b"7205759403793110x"), "bodyID '7205759403793110x'"),
     "negative_count": (b"-1\r\n", "frame count '-1' is not a non-negative integer"),
+    "huge_frame_count": (b"999999999\r\n", "declares 999999999 frames but holds only 11 bytes"),
+    "overlong_number": (_with(b"0.2181813", b"0." + b"0" * 140 + b"1"), "is not a number"),
     "binary": (b"\x89PNG\r\n\x1a\n\x00\x00", "binary data (byte 0x89 at offset 0, line 1)"),
     "nul_inside": (_with(b"0.1725006", b"0.17\x0025006"), "binary data (byte 0x00"),
 }
@@ -122,6 +124,8 @@ EXPECTED_CODE = {
     "overflow": "non_finite",
     "float32_overflow": "non_finite",
     "negative_count": "bad_count",
+    "huge_frame_count": "truncated",
+    "overlong_number": "non_numeric",
     "nul_inside": "binary",
 }
 
@@ -161,7 +165,8 @@ def test_native_and_python_parsers_agree_on_mutated_files():
         for parse in (st.parse_skeleton, st.parse_skeleton_python):
             try:
                 raw = parse(mutated)
-                results.append(("ok", raw.body_ids.tolist(), raw.values.tobytes(), raw.body_counts.tolist()))
+                arrays = (raw.body_ids, raw.values, raw.body_counts, raw.frame_index, raw.tracking)
+                results.append(("ok", *(a.tobytes() for a in arrays), raw.declared_frames))
             except st.SkeletonFormatError as exc:
                 results.append((exc.code, exc.message))
         assert results[0] == results[1], mutated
