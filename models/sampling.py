@@ -5,7 +5,7 @@
   then linearly resize to ``window`` frames (identical to ``F.interpolate(mode="bilinear",
   align_corners=False)`` along time).
 - ``uniform_indices``: pyskl's ``UniformSampleFrames`` (``clip_len`` frames from equal segments,
-  ``num_clips`` clips; test clips drawn with pyskl's fixed seed 255).
+  ``num_clips`` clips; test clips exactly as pyskl draws them, from its fixed seed 255).
 - ``random_rotation``: CTR-GCN's ``random_rot`` (one rotation ``Rz @ Ry @ Rx`` per sample, angles
   uniform in ``[-theta, theta]``).
 """
@@ -56,21 +56,32 @@ def crop_resize(
     return resize_time(data, window)
 
 
-def uniform_indices(length: int, clip_len: int, num_clips: int, rng: np.random.Generator) -> np.ndarray:
-    """pyskl ``UniformSampleFrames`` frame indices, int ``(num_clips, clip_len)``, all ``< length``."""
+def uniform_indices(
+    length: int, clip_len: int, num_clips: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """pyskl ``UniformSampleFrames`` frame indices, int ``(num_clips, clip_len)``, all ``< length``.
+
+    With ``rng`` the train-time clips; without, pyskl's test clips exactly: its legacy
+    ``np.random.seed(255)`` stream, and fixed starts for samples shorter than a clip.
+    """
+    legacy = np.random.RandomState(PYSKL_TEST_SEED) if rng is None else None
     clips = []
-    for _ in range(num_clips):
+    for i in range(num_clips):
         if length < clip_len:
-            start = int(rng.integers(0, length))
+            if legacy is not None:
+                start = i if length < num_clips else i * length // num_clips
+            else:
+                start = int(rng.integers(0, length))
             inds = np.arange(start, start + clip_len)
         elif length < 2 * clip_len:
-            chosen = rng.choice(clip_len + 1, length - clip_len, replace=False)
+            choice = legacy.choice if legacy is not None else rng.choice
             offset = np.zeros(clip_len + 1, dtype=np.int64)
-            offset[chosen] = 1
+            offset[choice(clip_len + 1, length - clip_len, replace=False)] = 1
             inds = np.arange(clip_len) + np.cumsum(offset)[:-1]
         else:
             bids = np.array([i * length // clip_len for i in range(clip_len + 1)])
-            inds = bids[:clip_len] + rng.integers(np.diff(bids))
+            sizes = np.diff(bids)
+            inds = bids[:clip_len] + (legacy.randint(sizes) if legacy is not None else rng.integers(sizes))
         clips.append(inds % length)
     return np.stack(clips)
 

@@ -15,6 +15,7 @@ CTR-GCN feeder and the exported model do.
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -134,8 +135,7 @@ class SkeletonDataset(Dataset):
     def _clips(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         p, length = self.params, x.shape[1]
         if p.sampling == "uniform":
-            clips = 1 if self.train else p.test_clips
-            clip_rng = rng if self.train else np.random.default_rng(sampling.PYSKL_TEST_SEED)
+            clips, clip_rng = (1, rng) if self.train else (p.test_clips, None)  # None: pyskl's test clips
             return x[:, sampling.uniform_indices(length, p.window, clips, clip_rng)].transpose(1, 0, 2, 3, 4)
         interval = p.train_p_interval if self.train else p.test_p_interval
         return sampling.crop_resize(x, length, p.window, interval, rng, p.min_crop_frames)[None]
@@ -155,10 +155,10 @@ class ShardBatchSampler(Sampler[list[int]]):
     """Batches of dataset positions grouped by shard, for ``DataLoader(batch_sampler=...)``.
 
     Each epoch (seeded by ``seed`` and :meth:`set_epoch`): the positions are ordered by shard (shard
-    order shuffled), split evenly across ``world_size`` ranks, then across ``num_workers`` streams
-    (contiguous runs of shards); within each stream, positions are shuffled inside windows of
-    ``group_shards`` shards. Batches of the streams are interleaved, so with the DataLoader's
-    round-robin dispatch each worker reads only its own shards.
+    order shuffled), split evenly across ``world_size`` ranks, shuffled inside windows of
+    ``group_shards`` shards and cut into batches (``drop_last`` drops at most one partial batch).
+    The batches are then dealt to ``num_workers`` streams in contiguous runs and interleaved, so with
+    the DataLoader's round-robin dispatch each worker reads only its own shards.
     """
 
     def __init__(
@@ -190,35 +190,31 @@ class ShardBatchSampler(Sampler[list[int]]):
         rank_of[shard_ids] = np.arange(len(shard_ids))
         return np.argsort(rank_of[self.shards], kind="stable")
 
-    def _stream_batches(self, positions: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
-        if self.shuffle:
-            runs = []
-            shards = self.shards[positions]
-            starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
-            for g in range(0, len(starts), self.group):
-                lo = starts[g]
-                hi = starts[g + self.group] if g + self.group < len(starts) else len(positions)
-                runs.append(rng.permutation(positions[lo:hi]))
-            positions = np.concatenate(runs) if runs else positions
-        batches = [
-            positions[k : k + self.batch_size].tolist() for k in range(0, len(positions), self.batch_size)
-        ]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        return batches
+    def _shuffle_within_groups(self, positions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        shards = self.shards[positions]
+        starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+        bounds = [*starts[:: self.group].tolist(), len(positions)]
+        return np.concatenate([rng.permutation(positions[lo:hi]) for lo, hi in itertools.pairwise(bounds)])
 
     def _batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = self._ordered(rng)
         per_rank = len(order) // self.world_size if self.drop_last else -(-len(order) // self.world_size)
-        if not self.drop_last and per_rank * self.world_size > len(order):  # pad by wrapping, as DDP does
+        if per_rank * self.world_size > len(order):  # pad by wrapping, as DistributedSampler does
             order = np.resize(order, per_rank * self.world_size)
         mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
-        streams = [self._stream_batches(part, rng) for part in np.array_split(mine, self.streams)]
-        interleaved = []
-        for k in range(max((len(s) for s in streams), default=0)):
-            interleaved.extend(s[k] for s in streams if k < len(s))
-        return interleaved
+        if self.shuffle and len(mine):
+            mine = self._shuffle_within_groups(mine, rng)
+        batches = [mine[k : k + self.batch_size].tolist() for k in range(0, len(mine), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        # Deal contiguous runs of whole batches to the worker streams and interleave them, so the
+        # DataLoader's round-robin hands worker w only the batches (and shards) of run w. Batch
+        # contents do not depend on the number of workers; only their order does.
+        runs = np.array_split(np.arange(len(batches)), self.streams)
+        return [
+            batches[run[k]] for k in range(max(map(len, runs), default=0)) for run in runs if k < len(run)
+        ]
 
     def __iter__(self):
         return iter(self._batches())

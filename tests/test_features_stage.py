@@ -114,6 +114,17 @@ def test_uniform_multi_clip_testing(feature_dir):
     assert x.shape == (3, 3, 32, 25, 2)
 
 
+def test_batch_contents_do_not_depend_on_the_worker_count(feature_dir):
+    train = dataset(feature_dir, True)
+    by_workers = {
+        w: ShardBatchSampler(train, 4, shuffle=True, seed=5, num_workers=w, drop_last=True) for w in (0, 2, 3)
+    }
+    contents = {w: sorted(map(tuple, s)) for w, s in by_workers.items()}
+    assert contents[0] == contents[2] == contents[3]
+    assert len(contents[0]) == len(train) // 4  # drop_last drops one partial batch at most
+    assert list(by_workers[2]) != list(by_workers[0])  # the order differs: each worker's run comes in turn
+
+
 def test_batches_cover_each_sample_once_and_are_worker_independent(feature_dir):
     train = dataset(feature_dir, True)
     sampler = ShardBatchSampler(train, 4, shuffle=True, seed=1, num_workers=2)

@@ -42,7 +42,9 @@ BAD = {
     "S003C001P005R001A008": b"1\r\n0\r\n",
     "not_an_ntu_name": person_file(30, 8),
 }
-PARAMS = parse.ParseParams(dataset="ntu120", classes=(8, 9, 50), workers=1, shard_samples=2, chunk_samples=1)
+PARAMS = parse.ParseParams(
+    dataset="ntu120", classes=(8, 9, 50), workers=1, shard_samples=2, chunk_samples=1, order="name"
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,24 @@ def test_same_output_with_two_workers(parsed, raw_dir, tmp_path):
     for name in ("joints", "colors", "lengths", "labels"):
         assert np.array_equal(a[name][:], b[name][:])
     assert pq.read_table(out / "samples.parquet").equals(pq.read_table(other / "samples.parquet"))
+
+
+def test_shuffled_order_is_a_seeded_permutation(parsed, raw_dir, tmp_path):
+    _, _, rows = parsed
+    by_name = {n: r["index"] for n, r in rows.items() if r["status"] == "accepted"}
+    assert list(by_name.values()) == sorted(by_name.values())  # order="name": indices follow names
+    orders = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"shuffled{len(orders)}"
+        parse.run(dataclasses.replace(PARAMS, order="shuffled", seed=seed), raw_dir=raw_dir, out_dir=out)
+        table = pq.read_table(out / "samples.parquet").to_pylist()
+        orders.append([r["name"] for r in table])
+        shuffled = zarr.open_group(str(out / "skeletons.zarr"), mode="r")["joints"]
+        original = zarr.open_group(str(parsed[0] / "skeletons.zarr"), mode="r")["joints"]
+        for r in table:
+            if r["status"] == "accepted":
+                assert np.array_equal(shuffled[r["index"]], original[by_name[r["name"]]])
+    assert orders[0] == orders[1] != orders[2] and sorted(orders[0]) == sorted(orders[2])
 
 
 def test_longer_samples_grow_the_store(tmp_path):

@@ -54,6 +54,57 @@ def test_uniform_indices_cover_segments():
     assert len(np.unique(mid)) == 100 and (np.diff(mid) > 0).all()
 
 
+def pyskl_test_clips(num_frames, clip_len, num_clips):
+    """pyskl's UniformSampleFrames._get_test_clips, verbatim apart from names."""
+    np.random.seed(255)  # noqa: NPY002 - pyskl uses the legacy global stream
+    all_inds = []
+    for i in range(num_clips):
+        if num_frames < clip_len:
+            start_ind = i if num_frames < num_clips else i * num_frames // num_clips
+            inds = np.arange(start_ind, start_ind + clip_len)
+        elif clip_len <= num_frames < clip_len * 2:
+            basic = np.arange(clip_len)
+            inds = np.random.choice(clip_len + 1, num_frames - clip_len, replace=False)  # noqa: NPY002
+            offset = np.zeros(clip_len + 1, dtype=np.int64)
+            offset[inds] = 1
+            inds = basic + np.cumsum(offset)[:-1]
+        else:
+            bids = np.array([i * num_frames // clip_len for i in range(clip_len + 1)])
+            inds = bids[:clip_len] + np.random.randint(np.diff(bids))  # noqa: NPY002
+        all_inds.append(inds)
+    return np.mod(np.stack(all_inds), num_frames)
+
+
+@pytest.mark.parametrize("length", [5, 40, 100, 150, 300])
+def test_uniform_test_clips_are_pyskls(length):
+    assert np.array_equal(sampling.uniform_indices(length, 100, 10), pyskl_test_clips(length, 100, 10))
+
+
+def ctrgcn_rot(angles):
+    """CTR-GCN's tools._rot for one angle triple (torch), verbatim apart from names."""
+    rot = torch.tensor(angles, dtype=torch.float64)[None]
+    cos_r, sin_r = rot.cos(), rot.sin()
+    zeros, ones = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    r1 = torch.stack((ones, zeros, zeros), dim=-1)
+    rx2 = torch.stack((zeros, cos_r[:, 0:1], sin_r[:, 0:1]), dim=-1)
+    rx3 = torch.stack((zeros, -sin_r[:, 0:1], cos_r[:, 0:1]), dim=-1)
+    rx = torch.cat((r1, rx2, rx3), dim=1)
+    ry1 = torch.stack((cos_r[:, 1:2], zeros, -sin_r[:, 1:2]), dim=-1)
+    r2 = torch.stack((zeros, ones, zeros), dim=-1)
+    ry3 = torch.stack((sin_r[:, 1:2], zeros, cos_r[:, 1:2]), dim=-1)
+    ry = torch.cat((ry1, r2, ry3), dim=1)
+    rz1 = torch.stack((cos_r[:, 2:3], sin_r[:, 2:3], zeros), dim=-1)
+    r3 = torch.stack((zeros, zeros, ones), dim=-1)
+    rz2 = torch.stack((-sin_r[:, 2:3], cos_r[:, 2:3], zeros), dim=-1)
+    rz = torch.cat((rz1, rz2, r3), dim=1)
+    return rz.matmul(ry).matmul(rx)[0].numpy()
+
+
+def test_rotation_matrix_is_ctrgcns():
+    for angles in ([0.1, -0.2, 0.3], [0.3, 0.0, -0.25]):
+        np.testing.assert_allclose(sampling.rotation_matrix(np.array(angles)), ctrgcn_rot(angles), atol=1e-12)
+
+
 def test_random_rotation_preserves_norms_and_zeros():
     x = clip()
     x[:, :, :, 1] = 0
