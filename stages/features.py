@@ -46,7 +46,7 @@ class FeaturesParams:
     """The ``features`` section of params.yaml."""
 
     streams: tuple[str, ...] = features.STREAMS
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16"] = "float16"
     view_align: bool = False
     shard_samples: int = 256
     chunk_samples: int = 64

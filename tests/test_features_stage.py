@@ -35,7 +35,7 @@ def feature_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     pparams = parse.ParseParams(workers=1, classes=(1, 2, 3, 4), shard_samples=4, chunk_samples=2)
     parse.run(pparams, raw_dir=raw, out_dir=root / "parsed")
-    fparams = features_stage.FeaturesParams(shard_samples=4, chunk_samples=2)
+    fparams = features_stage.FeaturesParams(dtype="float32", shard_samples=4, chunk_samples=2)
     features_stage.run(fparams, in_dir=root / "parsed", out_dir=root / "features")
     return root
 
