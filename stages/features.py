@@ -6,9 +6,9 @@ derives the streams with :mod:`models.features` (the same code training, export 
 writes ``features.zarr`` (one array per stream, same layout and lengths) plus ``samples.parquet``
 (the accepted samples, ``index`` = row in the store).
 
-Storage dtype ``float16`` halves the disk: its spacing is 2^-10 relative (0.5 mm at 0.5-1 m,
-1 mm at 1-2 m, 2 mm at 2-4 m from the origin), below Kinect's own noise; the stage reports the
-largest rounding error it made.
+Storage dtype ``float16`` (the default) halves the disk and the loader's decoding: it rounds by at
+most half its spacing, 2^-11 relative (0.25 mm at 0.5-1 m, 0.5 mm at 1-2 m, 1 mm at 2-4 m from the
+origin), below Kinect's own noise; the stage reports the largest rounding error it made.
 
     python -m stages.features --in-dir data/parsed --out-dir data/features [--params params.yaml]
 """
