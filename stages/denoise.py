@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.skeleton import NUM_JOINTS
+from stages.errors import RejectedInput
 from stages.skeleton_text import RawSkeleton
 
 NOISE_LENGTH_THRESHOLD = 11  # bodies seen in <= 11 frames are noise
@@ -37,13 +38,8 @@ NOISE_SPREAD_FRACTION = 0.69754  # a body is noise when this fraction of its fra
 MAX_ACTORS = 2
 
 
-class DenoiseError(ValueError):
-    """No usable body in a file; ``code`` is a stable short name for the summary."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class DenoiseError(RejectedInput):
+    """A file whose bodies cannot give a usable sample."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.skeleton import NUM_JOINTS
+from stages.errors import RejectedInput
 
 try:  # the compiled parser, built by `pip install -e .`
     from stages import _skeleton_parser as _native
@@ -35,13 +36,8 @@ NUM_VALUES = 7
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class SkeletonFormatError(ValueError):
-    """A malformed ``.skeleton`` file; ``code`` is a stable short name, ``message`` says what is wrong."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class SkeletonFormatError(RejectedInput):
+    """A malformed ``.skeleton`` file."""
 
 
 @dataclass
