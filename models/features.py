@@ -112,14 +112,14 @@ def align_view(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def stream(joints: np.ndarray, name: str, lengths=None):
-    """One of the four streams of ``joints`` ``(N, C, T, V, M)``; see :data:`STREAMS`."""
-    if name == "joint":
-        return joints
-    if name == "bone":
-        return bones(joints)
-    if name == "joint_motion":
-        return motion(joints, lengths)
-    if name == "bone_motion":
-        return motion(bones(joints), lengths)
-    raise ValueError(f"unknown stream {name!r}; valid: {', '.join(STREAMS)}")
+def streams(joints: np.ndarray, names, lengths=None) -> dict:
+    """The requested streams (see :data:`STREAMS`) of ``joints`` ``(N, C, T, V, M)``, bones computed once."""
+    unknown = [n for n in names if n not in STREAMS]
+    if unknown:
+        raise ValueError(f"unknown stream(s) {', '.join(unknown)}; valid: {', '.join(STREAMS)}")
+    bone = bones(joints) if {"bone", "bone_motion"} & set(names) else None
+    out = {}
+    for name in names:
+        base = joints if name.startswith("joint") else bone
+        out[name] = motion(base, lengths) if name.endswith("_motion") else base
+    return out

@@ -145,6 +145,8 @@ class SkeletonDataset(Dataset):
         clips = self._clips(self.raw(i), rng)  # K, C, window, V, M
         if self.train and self.params.rotation > 0:
             clips = np.stack([sampling.random_rotation(c, self.params.rotation, rng) for c in clips])
+        if _BASE_STREAM[self.stream] == "bone" and self.source == "joint":  # bones not stored
+            clips = features.bones(clips)  # linear per frame, so it commutes with resizing and rotation
         if self.stream.endswith("_motion"):
             clips = features.motion(clips)
         out = clips[0] if clips.shape[0] == 1 else clips

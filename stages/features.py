@@ -116,8 +116,7 @@ def run(params: FeaturesParams, *, in_dir: Path, out_dir: Path, summary_path: Pa
                 end = min(start + params.shard_samples, n)
                 block = normalise(joints[start:end], params.view_align)
                 streams = {}
-                for name in params.streams:
-                    values = features.stream(block, name, lengths[start:end])
+                for name, values in features.streams(block, params.streams, lengths[start:end]).items():
                     streams[name] = values.astype(params.dtype, copy=False)
                     if params.dtype != "float32":
                         err = float(np.max(np.abs(streams[name].astype(np.float32) - values), initial=0.0))

@@ -71,6 +71,10 @@ def test_align_view_puts_spine_on_z_and_keeps_lengths(seed):
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), np.linalg.norm(x, axis=1), rtol=1e-4, atol=1e-6)
 
 
-def test_stream_names_are_checked():
-    with pytest.raises(ValueError, match="valid: joint, bone, joint_motion, bone_motion"):
-        features.stream(random_block(), "velocity")
+def test_streams_are_derived_once_and_names_checked():
+    x = random_block()
+    out = features.streams(x, ("bone_motion", "joint", "bone"), lengths=np.array([15, 10, 15]))
+    assert list(out) == ["bone_motion", "joint", "bone"] and out["joint"] is x
+    assert np.array_equal(out["bone_motion"], features.motion(features.bones(x), np.array([15, 10, 15])))
+    with pytest.raises(ValueError, match="unknown stream\\(s\\) velocity; valid: joint, bone"):
+        features.streams(x, ("joint", "velocity"))

@@ -108,6 +108,22 @@ def test_motion_stream_is_computed_after_sampling(feature_dir):
     np.testing.assert_allclose(motion, features.motion(joint), atol=1e-6)
 
 
+@pytest.mark.parametrize("stream", ["bone", "bone_motion"])
+def test_bones_are_derived_when_the_store_has_only_joints(feature_dir, tmp_path, stream):
+    params = features_stage.FeaturesParams(
+        streams=("joint",), dtype="float32", shard_samples=4, chunk_samples=2
+    )
+    features_stage.run(params, in_dir=feature_dir / "parsed", out_dir=tmp_path / "joints_only")
+    kwargs = dict(
+        stream=stream, benchmark="ntu120_xsub", split="train", params=LoaderParams(window=32), train=True
+    )
+    derived = SkeletonDataset(tmp_path / "joints_only", **kwargs)
+    stored = SkeletonDataset(feature_dir / "features", **kwargs)
+    assert derived.source == "joint" and stored.source == "bone"
+    for i in (0, 5):
+        np.testing.assert_allclose(derived[i][0].numpy(), stored[i][0].numpy(), atol=1e-5)
+
+
 def test_uniform_multi_clip_testing(feature_dir):
     test = dataset(feature_dir, False, sampling="uniform", test_clips=3)
     x, _ = test[0]
