@@ -123,3 +123,30 @@ def streams(joints: np.ndarray, names, lengths=None) -> dict:
         base = joints if name.startswith("joint") else bone
         out[name] = motion(base, lengths) if name.endswith("_motion") else base
     return out
+
+
+# ---- the same streams on the folded layout ``(N, C, T, V*M)`` (index ``v * M + m``) -------------
+# The exported model folds its rank-5 input once and derives its streams here, so that no tensor
+# above rank 4 appears in the graph (accelerators with limited operator support need that).
+
+
+def fold(x):
+    """torch ``(N, C, T, V, M)`` -> ``(N, C, T, V*M)``, a view."""
+    n, c, t, v, m = x.shape
+    return x.reshape(n, c, t, v * m)
+
+
+def bones_folded(x, num_persons: int):
+    """:func:`bones` of a folded tensor ``(N, C, T, V*M)``."""
+    import torch
+
+    index = (_PARENT_INDEX[:, None] * num_persons + np.arange(num_persons)[None, :]).reshape(-1)
+    return x - x.index_select(-1, torch.as_tensor(index, device=x.device))
+
+
+def motion_folded(x):
+    """:func:`motion` (no lengths) of a folded tensor ``(N, C, T, V*M)``."""
+    import torch
+
+    diff = x[:, :, 1:] - x[:, :, :-1]
+    return torch.cat([diff, torch.zeros_like(x[:, :, :1])], dim=2)

@@ -140,8 +140,11 @@ class SkeletonDataset(Dataset):
         interval = p.train_p_interval if self.train else p.test_p_interval
         return sampling.crop_resize(x, length, p.window, interval, rng, p.min_crop_frames)[None]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        # (i, epoch) keys come from ShardBatchSampler(tag_epoch=True): persistent loader workers hold
+        # their own copy of the dataset, so the epoch must travel with the index to reach them.
+        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        rng = np.random.default_rng([self.seed, epoch, i])
         clips = self._clips(self.raw(i), rng)  # K, C, window, V, M
         if self.train and self.params.rotation > 0:
             clips = np.stack([sampling.random_rotation(c, self.params.rotation, rng) for c in clips])
@@ -174,7 +177,9 @@ class ShardBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        tag_epoch: bool = False,
     ):
+        self.tag_epoch = tag_epoch  # yield (position, epoch) pairs instead of positions
         self.shards = np.array([dataset.shard_of(i) for i in range(len(dataset))], dtype=np.int64)
         self.group = dataset.params.group_shards
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
@@ -219,6 +224,8 @@ class ShardBatchSampler(Sampler[list[int]]):
         ]
 
     def __iter__(self):
+        if self.tag_epoch:
+            return iter([[(i, self.epoch) for i in batch] for batch in self._batches()])
         return iter(self._batches())
 
     def __len__(self) -> int:
@@ -236,7 +243,11 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader over ``dataset`` with shard-grouped batches, pinned memory when CUDA is present."""
+    """A DataLoader over ``dataset`` with shard-grouped batches, pinned memory when CUDA is present.
+
+    Call ``set_loader_epoch(loader, epoch)`` before each epoch: it reshuffles and reseeds augmentation
+    (also in persistent workers, since each index carries its epoch).
+    """
     sampler = ShardBatchSampler(
         dataset,
         batch_size,
@@ -246,6 +257,7 @@ def make_loader(
         drop_last=drop_last,
         rank=rank,
         world_size=world_size,
+        tag_epoch=True,
     )
     return DataLoader(
         dataset,
@@ -255,3 +267,9 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of a loader made by :func:`make_loader` (shuffle order and augmentation seed)."""
+    loader.batch_sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)

@@ -47,8 +47,22 @@ def _check_value(section: str, key: str, value: Any, annotation: Any) -> Any:
             raise ParamsError(f"{where} = {value!r}: expected a list")
         item_type = args[0] if args else Any
         return tuple(_check_value(section, f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where} = {value!r}: expected a mapping")
+        key_type, value_type = args
+        return {
+            _check_value(section, f"{key} (key)", k, key_type): _check_value(
+                section, f"{key}.{k}", v, value_type
+            )
+            for k, v in value.items()
+        }
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation):  # a nested section, e.g. one training recipe
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where} = {value!r}: expected a mapping")
+        return from_mapping(f"{section}.{key}", annotation, value)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(f"{where} = {value!r}: expected a number")

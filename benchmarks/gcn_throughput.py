@@ -1,0 +1,155 @@
+"""Training throughput and batch-1 latency: our CTR-GCN against the published implementation.
+
+Same architecture and size (the full 1.46 M-parameter config unless ``--size small``), same input
+``(B=16, C=3, T=64, V=25, M=2)``, same optimiser step (SGD Nesterov), ``--threads`` intra-op threads.
+Each measurement runs in a fresh subprocess, alternating implementations over ``--rounds`` rounds,
+and the median is reported with the ratio to the published code measured in the same run:
+
+- ``published``: ``benchmarks/reference_ctrgcn_model.py`` (the research code), default allocator;
+- ``published+malloc``: the same with our allocator setting (to show what that setting alone gives);
+- ``ours``: ``models.ctrgcn`` with the training runtime's settings (``stages.training``).
+
+On CUDA (``--device cuda``) it compares fp32 eager against bf16 autocast + ``torch.compile`` of
+``ours`` instead. The two models compute the same function (``tests/test_ctrgcn.py``), so speed is
+the only difference.
+
+    python -m benchmarks.gcn_throughput [--size full] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS_CPU = ("published", "published+malloc", "ours")
+VARIANTS_CUDA = ("ours-fp32-eager", "ours-bf16-compile")
+
+
+def measure(variant: str, size: str, threads: int, steps: int, batch: int, frames: int, device: str) -> dict:
+    """One measurement, in this process: training samples/s and batch-1 latency (ms)."""
+    import torch
+
+    from models.ctrgcn import CTRGCN, config_for
+    from models.skeleton import adjacency_subsets
+    from stages import training
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = config_for(size, 120)
+    if variant.startswith("published"):
+        from benchmarks.reference_ctrgcn_model import Model
+
+        if variant == "published+malloc":
+            training.keep_large_allocations()
+        model = Model(adjacency_subsets(), num_class=120, channels=cfg.channels, strides=cfg.strides)
+    else:
+        if device == "cpu":
+            training.keep_large_allocations()
+        model = CTRGCN(cfg)
+    dev = torch.device(device)
+    model = model.to(dev)
+    bf16 = variant == "ours-bf16-compile"
+    if bf16:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    run_model = torch.compile(model) if bf16 else model
+    fused = {"fused": True} if device == "cuda" else {}
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=4e-4, **fused
+    )
+    x = torch.randn(batch, 3, frames, 25, 2, device=dev)
+    y = torch.randint(0, 120, (batch,), device=dev)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(run_model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    for _ in range(2 if device == "cpu" else 10):  # warm-up (and compilation)
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    train_rate = steps * batch / (time.perf_counter() - start)
+
+    model.eval()
+    x1 = x[:1]
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        for _ in range(3):
+            run_model(x1)
+        sync()
+        times = []
+        for _ in range(steps * 3):
+            t = time.perf_counter()
+            run_model(x1)
+            sync()
+            times.append(time.perf_counter() - t)
+    return {"train_samples_per_s": train_rate, "latency_ms": 1000 * statistics.median(times)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="full", choices=("full", "small"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="timed training steps per measurement")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant and print JSON
+    args = ap.parse_args(argv)
+    if args.one:
+        result = measure(args.one, args.size, args.threads, args.steps, args.batch, args.frames, args.device)
+        print(json.dumps(result))
+        return 0
+
+    variants = VARIANTS_CUDA if args.device == "cuda" else VARIANTS_CPU
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    common = ["--size", args.size, "--threads", str(args.threads), "--steps", str(args.steps),
+              "--batch", str(args.batch), "--frames", str(args.frames), "--device", args.device]  # fmt: skip
+    for r in range(args.rounds):
+        for v in variants if r % 2 == 0 else reversed(variants):
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.gcn_throughput", "--one", v, *common],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            results[v].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {r + 1} {v}: {results[v][-1]}", file=sys.stderr)
+
+    base = variants[0]
+    med = {
+        v: {k: statistics.median(m[k] for m in ms) for k in ("train_samples_per_s", "latency_ms")}
+        for v, ms in results.items()
+    }
+    print(
+        f"CTR-GCN {args.size}, B={args.batch} T={args.frames} M=2, {args.threads} threads, {args.device}, "
+        f"median of {args.rounds} rounds (baseline: {base})"
+    )
+    print(f"{'variant':<20} {'train samples/s':>16} {'x':>6} {'batch-1 ms':>11} {'x':>6}")
+    for v, m in med.items():
+        speed = m["train_samples_per_s"] / med[base]["train_samples_per_s"]
+        lat = med[base]["latency_ms"] / m["latency_ms"]
+        print(
+            f"{v:<20} {m['train_samples_per_s']:>16.2f} {speed:>5.2f}x {m['latency_ms']:>11.1f} {lat:>5.2f}x"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Experiment tracking behind a small interface, so stages' ``run()`` never import MLflow.
+
+``run()`` functions receive a :class:`Tracker`; their ``main()`` opens an :func:`mlflow_run` (or a
+:class:`NullTracker` with ``--no-mlflow``). The MLflow store is ``sqlite:///mlflow.db`` in the
+working directory unless ``MLFLOW_TRACKING_URI`` says otherwise; one experiment per benchmark
+(``ntu120-xsub``...). When ``MLFLOW_PARENT_RUN_ID`` is set (the Prefect flow sets it), the run is
+nested under that parent run.
+
+A tracking failure (a locked or unreachable store) is reported once and does not stop training:
+losing hours of GPU time to a logging problem is the worse outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class Tracker(Protocol):
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
+class NullTracker:
+    """Records nothing (tests, ``--no-mlflow``); keeps what it was given for inspection."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.artifacts: list[str] = []
+        self.tags: dict[str, str] = {}
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append(str(path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and tuples become their string form."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    """``HEAD``'s sha (with ``-dirty`` when tracked files changed), or ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def experiment_name(benchmark: str) -> str:
+    """MLflow experiment of a benchmark: ``ntu120_xsub`` -> ``ntu120-xsub``."""
+    return benchmark.replace("_", "-")
+
+
+class MlflowTracker:
+    """Logs to the active MLflow run; errors are reported once on stderr and then ignored."""
+
+    def __init__(self, mlflow_module) -> None:
+        self._mlflow = mlflow_module
+        self._warned = False
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # tracking must not stop the stage
+            if not self._warned:
+                print(
+                    f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); continuing",
+                    file=sys.stderr,
+                )
+                self._warned = True
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        self._call(self._mlflow.log_params, flat)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}  # drop NaN
+        self._call(self._mlflow.log_metrics, clean, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call(self._mlflow.log_artifact, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call(self._mlflow.set_tags, tags)
+
+
+@contextlib.contextmanager
+def mlflow_run(benchmark: str, run_name: str, stage: str) -> Iterator[Tracker]:
+    """An MLflow run in the benchmark's experiment, tagged with the git commit and the DVC stage."""
+    import mlflow  # imported here: starting MLflow is the CLI's business, not the library's
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    mlflow.set_experiment(experiment_name(benchmark))
+    parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
+    with mlflow.start_run(run_name=run_name, parent_run_id=parent, nested=bool(parent)):
+        tracker = MlflowTracker(mlflow)
+        tracker.set_tags(
+            {"git_commit": git_commit(), "mlflow.source.git.commit": git_commit(), "dvc_stage": stage}
+        )
+        yield tracker

@@ -1,0 +1,306 @@
+"""The train_gcn and evaluate stages on a tiny synthetic corpus: learning, resume, DDP, MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models.ctrgcn import CTRGCN, config_for
+from stages import evaluate, train_gcn, training
+from stages.dataset import LoaderParams, SkeletonDataset
+from stages.tracking import NullTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADER = LoaderParams(window=32, min_crop_frames=32, group_shards=1, cache_shards=2)
+
+
+def params_doc(epochs: int = 3, **train) -> dict:
+    """A full params.yaml document with a tiny recipe."""
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc["train"].update(dict(workers=0, eval_every=1, device="cpu", seed=3), **train)
+    doc["train"]["recipes"]["adamw"].update(batch_size=4, epochs=epochs, warmup_epochs=0.5, ema_decay=0.9)
+    doc["loader"].update(window=32, min_crop_frames=32, group_shards=1, cache_shards=2)
+    return doc
+
+
+def load_params(doc: dict) -> train_gcn.TrainParams:
+    from stages.params import from_mapping
+
+    return from_mapping("train", train_gcn.TrainParams, doc["train"])
+
+
+def test_small_model_overfits_a_handful_of_samples(tiny_features):
+    ds = SkeletonDataset(
+        tiny_features, stream="joint", benchmark="ntu120_xsub", split="train", params=LOADER, train=False
+    )
+    x = torch.stack([ds[i][0] for i in range(8)])
+    y = torch.tensor([ds[i][1] for i in range(8)])
+    torch.manual_seed(0)
+    model = CTRGCN(config_for("small", ds.num_classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y).all()
+    assert loss.item() < 0.2
+
+
+def test_training_writes_checkpoints_reports_and_learns(tiny_features, tmp_path):
+    params = load_params(params_doc(epochs=6))
+    tracker = NullTracker()
+    metrics = train_gcn.run(
+        params,
+        LOADER,
+        stream="joint",
+        features_dir=tiny_features,
+        out_dir=tmp_path / "ck",
+        reports_dir=tmp_path / "rep",
+        tracker=tracker,
+    )
+    ckpt = training.load_checkpoint(tmp_path / "ck" / "last.pt")  # weights_only=True
+    assert ckpt["epoch"] == 6 and ckpt["stream"] == "joint" and ckpt["eval_weights"] == "ema"
+    assert {"model", "optimizer", "ema", "rng", "config", "history"} <= set(ckpt)
+    assert (tmp_path / "ck" / "best.pt").exists()
+    history = (tmp_path / "rep" / "history.csv").read_text().splitlines()
+    assert history[0].split(",") == list(train_gcn.HISTORY_FIELDS) and len(history) == 7
+    assert [int(line.split(",")[6]) for line in history[1:]] == [
+        len(
+            SkeletonDataset(
+                tiny_features,
+                stream="joint",
+                benchmark="ntu120_xsub",
+                split="train",
+                params=LOADER,
+                train=True,
+            )
+        )
+        // 4
+        * 4
+    ] * 6
+    losses = [float(line.split(",")[2]) for line in history[1:]]
+    assert losses[-1] < losses[0]
+    saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert saved["test_top1"] == metrics["test_top1"] and metrics["test_top1"] > 0.8  # 3 classes
+    assert tracker.params["stream"] == "joint" and len([m for m in tracker.metrics if m[0]]) == 6
+
+
+def run_cli(params_path: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.train_gcn",
+        "--params",
+        str(params_path),
+        "--stream",
+        "joint",
+        "--features-dir",
+        str(pytest.tiny_features),
+        "--out-dir",
+        str(out / "ck"),
+        "--reports-dir",
+        str(out / "rep"),
+        "--no-mlflow",
+        *extra,
+    ]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_features, tmp_path):
+    pytest.tiny_features = tiny_features
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params_doc(epochs=6, eval_every=2)))
+    whole = run_cli(params_path, tmp_path / "whole")
+    assert whole.wait(300) == 0, whole.stdout.read()
+
+    killed = run_cli(params_path, tmp_path / "killed")
+    last = tmp_path / "killed" / "ck" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if last.exists() and training.load_checkpoint(last)["epoch"] >= 2:
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    killed.wait(60)
+    stopped_at = training.load_checkpoint(last)["epoch"]
+    assert killed.returncode == -signal.SIGKILL and stopped_at < 6
+
+    resumed = run_cli(params_path, tmp_path / "killed", "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert f"resuming joint from epoch {stopped_at}" in output
+    a = training.load_checkpoint(tmp_path / "whole" / "ck" / "last.pt")
+    b = training.load_checkpoint(last)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_params(tiny_features, tmp_path):
+    params = load_params(params_doc(epochs=1))
+    kw = dict(
+        stream="joint", features_dir=tiny_features, out_dir=tmp_path / "ck", reports_dir=tmp_path / "rep"
+    )
+    train_gcn.run(params, LOADER, **kw)
+    other = dataclasses.replace(params, seed=99)
+    with pytest.raises(ValueError, match="other parameters"):
+        train_gcn.run(other, LOADER, resume=True, **kw)
+
+
+def test_bad_params_fail_with_a_message(tmp_path, capsys):
+    doc = params_doc()
+    doc["train"]["streams"] = ["joint", "velocity"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    code = train_gcn.main(
+        [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--stream",
+            "joint",
+            "--features-dir",
+            "x",
+            "--out-dir",
+            str(tmp_path / "o"),
+            "--reports-dir",
+            str(tmp_path / "r"),
+            "--no-mlflow",
+        ]
+    )
+    assert code == 2 and "streams" in capsys.readouterr().err
+
+
+def test_mlflow_logs_params_metrics_and_artifacts(tiny_features, tmp_path, monkeypatch):
+    import mlflow
+
+    doc = params_doc(epochs=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    code = train_gcn.main(
+        [
+            "--params",
+            "params.yaml",
+            "--stream",
+            "joint",
+            "--features-dir",
+            str(tiny_features),
+            "--out-dir",
+            "ck",
+            "--reports-dir",
+            "rep",
+        ]
+    )
+    assert code == 0
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("ntu120-xsub")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.params["train.recipe"] == "adamw" and run.data.params["stream"] == "joint"
+    assert run.data.tags["dvc_stage"] == "train_gcn@joint" and run.data.tags["git_commit"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/last.pt"}
+
+
+def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path):
+    doc = params_doc(epochs=3)
+    params = load_params(doc)
+    for stream in ("joint", "bone"):
+        train_gcn.run(
+            params,
+            LOADER,
+            stream=stream,
+            features_dir=tiny_features,
+            out_dir=tmp_path / "ck" / stream,
+            reports_dir=tmp_path / "rep" / stream,
+        )
+    eparams = evaluate.EvaluateParams(multi_clips=2, batch_size=16, workers=0)
+    metrics = evaluate.run(
+        eparams,
+        params,
+        LOADER,
+        features_dir=tiny_features,
+        checkpoints_dir=tmp_path / "ck",
+        out_dir=tmp_path / "ev",
+    )
+    out = tmp_path / "ev"
+    assert set(metrics["centre_clip"]) == {"fused", "joint", "bone"}
+    assert set(metrics["uniform_2_clips"]) == {"fused", "joint", "bone"}
+    assert "A008_A009" in metrics["pairs"]
+    rows = (out / "confusion.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) - 1 == metrics["test_samples"]
+    accuracy = np.mean([a == p for a, p in (r.split(",") for r in rows[1:])])
+    assert accuracy == pytest.approx(metrics["centre_clip"]["fused"]["top1"], abs=1e-4)
+    assert (out / "confusion.png").stat().st_size > 1000
+    model_file = torch.load(out / "model.pt", weights_only=True)
+    assert model_file["streams"] == ["joint", "bone"] and model_file["weights"] == {"joint": 0.6, "bone": 0.6}
+
+
+def test_confusion_summaries_on_known_predictions():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 0, 2])
+    cm = evaluate.confusion_matrix(pred, labels, 3)
+    assert cm.tolist() == [[1, 2, 0], [1, 1, 0], [0, 0, 1]]
+    top = evaluate.most_confused(cm, ["a", "b", "c"], 5)
+    assert top == [
+        {"true": "a", "predicted": "b", "count": 2, "share": 0.6667},
+        {"true": "b", "predicted": "a", "count": 1, "share": 0.5},
+    ]
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes(tiny_features, tmp_path):
+    doc = params_doc(epochs=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "stages.train_gcn",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--stream",
+        "joint",
+        "--features-dir",
+        str(tiny_features),
+        "--out-dir",
+        str(tmp_path / "ck"),
+        "--reports-dir",
+        str(tmp_path / "rep"),
+        "--no-mlflow",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x2" in done.stdout  # the banner names the world size
+    ckpt = training.load_checkpoint(tmp_path / "ck" / "last.pt")
+    train_samples = len(
+        SkeletonDataset(
+            tiny_features, stream="joint", benchmark="ntu120_xsub", split="train", params=LOADER, train=True
+        )
+    )
+    per_epoch = ckpt["history"][0]
+    # each of the 2 ranks takes whole batches of 4 from its half; the epoch statistics cover both ranks
+    assert per_epoch["train_top1"] is not None and ckpt["epoch"] == 2
+    assert per_epoch["samples"] == (train_samples // 2) // 4 * 4 * 2
