@@ -38,6 +38,9 @@ def project(tmp_path_factory):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["synthesize"].update(num_subjects=4, num_setups=2, num_sessions=4, workers=1)
     params["parse"]["workers"] = 1
+    params["train"].update(eval_every=2, workers=0)
+    params["train"]["recipes"]["adamw"].update(epochs=2, batch_size=16)
+    params["evaluate"].update(multi_clips=0, workers=0)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     dvc(project, "init", "-q")
@@ -47,7 +50,7 @@ def project(tmp_path_factory):
 
 def test_repro_builds_the_dataset_then_skips_everything(project):
     first = dvc(project, "repro")
-    for stage in ("synthesize", "parse", "features"):
+    for stage in ("synthesize", "parse", "features", "train_gcn@joint", "train_gcn@bone", "evaluate"):
         assert f"Running stage '{stage}'" in first
     parse_metrics = json.loads((project / "data/reports/parse.json").read_text())
     assert parse_metrics["accepted"] > 0 and parse_metrics["files"] == len(
@@ -61,3 +64,7 @@ def test_repro_builds_the_dataset_then_skips_everything(project):
     assert "up to date" in dvc(project, "status")
     metrics = dvc(project, "metrics", "show")
     assert "data/reports/parse.json" in metrics and "accepted" in metrics
+    assert "data/evaluate/metrics.json" in metrics and "centre_clip.fused.top1" in metrics
+    evaluation = json.loads((project / "data/evaluate/metrics.json").read_text())
+    assert set(evaluation["centre_clip"]) == {"fused", "joint", "bone"}
+    assert (project / "data/checkpoints/bone/last.pt").exists() and (project / "mlflow.db").exists()
