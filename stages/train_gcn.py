@@ -113,23 +113,17 @@ def _loaders(
     features_dir: Path, stream: str, params: TrainParams, loader: LoaderParams, rt: training.Runtime
 ):
     recipe = params.active_recipe
-    train_set = SkeletonDataset(
-        features_dir,
-        stream=stream,
-        benchmark=params.benchmark,
-        split="train",
-        params=loader,
-        train=True,
-        seed=params.seed,
-    )
-    test_set = SkeletonDataset(
-        features_dir,
-        stream=stream,
-        benchmark=params.benchmark,
-        split="test",
-        params=loader,
-        train=False,
-        seed=params.seed,
+    train_set, test_set = (
+        SkeletonDataset(
+            features_dir,
+            stream=stream,
+            benchmark=params.benchmark,
+            split=split,
+            params=loader,
+            train=split == "train",
+            seed=params.seed,
+        )
+        for split in ("train", "test")
     )
     if len(train_set) < recipe.batch_size * rt.world_size:
         raise ValueError(
