@@ -14,7 +14,8 @@ What differs is only how it is computed, for speed and for export:
 - every subset's refined topology comes from one batched matmul (``alpha`` scales the small conv4
   weights rather than the large topology tensor), and the aggregations run as one batched matmul
   and a sum over subsets (no ``einsum``);
-- the temporal branches' 1x1 convolutions run as one convolution;
+- the temporal branches' 1x1 convolutions run as one convolution, and the max-pool branch is two
+  elementwise maxima (the CPU pooling kernel also computes argmax indices and is 10-28x slower);
 - no tensor above rank 4 once the input ``(N, C, T, V, M)`` is folded.
 """
 
