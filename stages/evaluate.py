@@ -106,8 +106,7 @@ def stream_outputs(
             s, f = model.per_stream(x.flatten(0, 1) if clips else x)
         s, f = s.float(), f.float()
         if clips:
-            k = s.shape[-1]
-            s = torch.softmax(s.view(s.shape[0], -1, clips, k), -1).mean(2).clamp_min(1e-12).log()
+            s = training.average_clips(s, clips)  # S, N, K
             f = f.view(-1, clips, f.shape[-1]).mean(1)
         scores.append(s.cpu())
         feats.append(f.cpu())

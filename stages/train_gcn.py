@@ -37,7 +37,7 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from models.ctrgcn import CTRGCN, config_for
+from models.ctrgcn import CTRGCN, config_for, count_parameters
 from models.features import STREAMS
 from stages import training
 from stages.dataset import LoaderParams, SkeletonDataset, make_loader, set_loader_epoch
@@ -216,13 +216,14 @@ def run(
     if rt.compile:
         train_model = torch.compile(train_model)
     eval_model = ema.module if ema is not None else model
+    num_params = count_parameters(model)
 
     if rt.is_main:
-        tracker.log_params({**resolved, "parameters": sum(p.numel() for p in model.parameters())})
+        tracker.log_params({**resolved, "parameters": num_params})
         tracker.set_tags({"stream": stream, "device": str(rt.device), "fingerprint": run_id})
         print(
             f"train_gcn {stream}: {len(train_set)} train samples, {params.model} CTR-GCN "
-            f"({sum(p.numel() for p in model.parameters()):,} params), recipe {params.recipe}, "
+            f"({num_params:,} params), recipe {params.recipe}, "
             f"{recipe.epochs} epochs on {rt.device}"
             + (f" x{rt.world_size}" if rt.world_size > 1 else "")
             + (", bf16" if rt.amp_dtype else "")
@@ -314,7 +315,7 @@ def run(
             2,
         ),
         "train_seconds": round(sum(h["seconds"] for h in history), 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": num_params,
     }
     if rt.is_main:
         write_metrics(reports_dir / "metrics.json", metrics)

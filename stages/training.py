@@ -255,6 +255,13 @@ def train_one_epoch(
     return stats, step
 
 
+def average_clips(scores: torch.Tensor, clips: int) -> torch.Tensor:
+    """Scores ``(..., N*clips, K)`` of consecutive clips per sample -> ``(..., N, K)``: the clips'
+    softmax probabilities averaged (pyskl's ``average_clips='prob'``), returned as log-probabilities."""
+    grouped = scores.reshape(*scores.shape[:-2], -1, clips, scores.shape[-1])  # ..., N, clips, K
+    return torch.softmax(grouped, -1).mean(-2).clamp_min(1e-12).log()
+
+
 @torch.inference_mode()
 def predict(
     model: Callable[[torch.Tensor], torch.Tensor],
@@ -276,7 +283,7 @@ def predict(
         with runtime.autocast():
             out = model(x).float()
         if clips:
-            out = torch.softmax(out.view(-1, clips, out.shape[-1]), -1).mean(1).clamp_min(1e-12).log()
+            out = average_clips(out, clips)
         scores.append(out.cpu())
         labels.append(y)
     return torch.cat(scores).numpy(), torch.cat(labels).numpy()

@@ -90,3 +90,12 @@ def test_recipe_values_are_checked():
 
     with pytest.raises(ParamsError, match="ema_decay"):
         Recipe(optimizer="adamw", lr=0.1, weight_decay=0, batch_size=4, epochs=1, ema_decay=1.0).validate()
+
+
+def test_average_clips_averages_probabilities_per_sample():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [3.0, 0.0]])  # 2 samples x 2 clips
+    out = training.average_clips(logits, 2)
+    p = torch.softmax(logits, 1)
+    assert torch.allclose(out.exp(), torch.stack([(p[0] + p[1]) / 2, (p[2] + p[3]) / 2]))
+    stacked = training.average_clips(torch.stack([logits, logits]), 2)  # leading stream dim kept
+    assert stacked.shape == (2, 2, 2) and torch.allclose(stacked[1], out)
