@@ -56,6 +56,24 @@ class LoaderParams:
             raise ParamsError("params.yaml [loader]: test_clips > 1 needs sampling: uniform")
 
 
+def sample_clips(
+    x: np.ndarray, params: LoaderParams, train: bool, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """The clips the model sees of one sample ``x`` ``(C, length, V, M)``: ``(K, C, window, V, M)``.
+
+    Test time (``train=False``, no ``rng`` needed): the centre crop resized to ``window``
+    (``crop_resize``) or ``test_clips`` uniform clips (pyskl's fixed test draws). Training, evaluation,
+    export and the server all sample through here.
+    """
+    length = x.shape[1]
+    if params.sampling == "uniform":
+        clips, clip_rng = (1, rng) if train else (params.test_clips, None)  # None: pyskl's test clips
+        indices = sampling.uniform_indices(length, params.window, clips, clip_rng)
+        return x[:, indices].transpose(1, 0, 2, 3, 4)
+    interval = params.train_p_interval if train else params.test_p_interval
+    return sampling.crop_resize(x, length, params.window, interval, rng, params.min_crop_frames)[None]
+
+
 _BASE_STREAM = {"joint": "joint", "bone": "bone", "joint_motion": "joint", "bone_motion": "bone"}
 
 
@@ -132,20 +150,12 @@ class SkeletonDataset(Dataset):
         block = self._shard(row // self.shard_samples)
         return block[row % self.shard_samples, :, :length].astype(np.float32)
 
-    def _clips(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        p, length = self.params, x.shape[1]
-        if p.sampling == "uniform":
-            clips, clip_rng = (1, rng) if self.train else (p.test_clips, None)  # None: pyskl's test clips
-            return x[:, sampling.uniform_indices(length, p.window, clips, clip_rng)].transpose(1, 0, 2, 3, 4)
-        interval = p.train_p_interval if self.train else p.test_p_interval
-        return sampling.crop_resize(x, length, p.window, interval, rng, p.min_crop_frames)[None]
-
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         # (i, epoch) keys come from ShardBatchSampler(tag_epoch=True): persistent loader workers hold
         # their own copy of the dataset, so the epoch must travel with the index to reach them.
         i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         rng = np.random.default_rng([self.seed, epoch, i])
-        clips = self._clips(self.raw(i), rng)  # K, C, window, V, M
+        clips = sample_clips(self.raw(i), self.params, self.train, rng)  # K, C, window, V, M
         if self.train and self.params.rotation > 0:
             clips = np.stack([sampling.random_rotation(c, self.params.rotation, rng) for c in clips])
         if _BASE_STREAM[self.stream] == "bone" and self.source == "joint":  # bones not stored

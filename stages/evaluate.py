@@ -114,6 +114,32 @@ def stream_outputs(
     return torch.cat(scores, 1), torch.cat(feats), torch.cat(labels).numpy()
 
 
+def fused_record(
+    model: MultiStream,
+    class_names: list[str],
+    class_ids: list[int],
+    benchmark: str,
+    loader_params: LoaderParams,
+    metrics: dict,
+) -> dict:
+    """What ``model.pt`` holds: the fused model's weights, configs, classes and input spec (tensors and
+    plain values only, so it loads with ``weights_only=True``; :func:`stages.export.load_fused`)."""
+    return {
+        "kind": "multistream",
+        "streams": list(model.names),
+        "configs": {n: model.streams[n].cfg.to_dict() for n in model.names},
+        "fusion": model.fusion,
+        "weights": {n: round(float(w), 6) for n, w in zip(model.names, model.weights.tolist(), strict=True)},
+        "state_dict": model.state_dict(),
+        "class_names": list(class_names),
+        "class_ids": [int(c) for c in class_ids],
+        "benchmark": benchmark,
+        "loader": dataclasses.asdict(loader_params),
+        "input": {"layout": "N, C=3, T, V=25, M", "window": loader_params.window, "units": "metres, centred"},
+        "metrics": json.loads(json.dumps(metrics)),
+    }
+
+
 def confusion_matrix(pred: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """``(K, K)`` counts, rows = true class, columns = predicted."""
     return np.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
@@ -253,27 +279,7 @@ def run(
     fused_top1 = metrics["centre_clip"]["fused"]["top1"]
     title = f"{benchmark} test, {'+'.join(model.names)} ({params.fusion}): top-1 {fused_top1:.3f}"
     plot_confusion(cm, names, out_dir / "confusion.png", title)
-    torch.save(
-        {
-            "kind": "multistream",
-            "streams": list(model.names),
-            "configs": {n: ck["config"] for n, ck in ckpts.items()},
-            "fusion": params.fusion,
-            "weights": {n: float(params.fusion_weights.get(n, 1.0)) for n in model.names},
-            "state_dict": model.state_dict(),
-            "class_names": names,
-            "class_ids": class_ids,
-            "benchmark": benchmark,
-            "loader": dataclasses.asdict(loader_params),
-            "input": {
-                "layout": "N, C=3, T, V=25, M",
-                "window": loader_params.window,
-                "units": "metres, centred",
-            },
-            "metrics": json.loads(json.dumps(metrics)),
-        },
-        out_dir / "model.pt",
-    )
+    torch.save(fused_record(model, names, class_ids, benchmark, loader_params, metrics), out_dir / "model.pt")
     write_metrics(out_dir / "metrics.json", metrics)
 
     tracker.log_params({"evaluate": dataclasses.asdict(params), "streams": list(model.names)})

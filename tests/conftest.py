@@ -23,3 +23,51 @@ def tiny_features(tmp_path_factory):
     fparams = features_stage.FeaturesParams(shard_samples=16, chunk_samples=8)
     features_stage.run(fparams, in_dir=root / "parsed", out_dir=root / "features")
     return root / "features"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_features, tmp_path_factory):
+    """The export stage run on an untrained small joint+bone model over ``tiny_features``' 3 classes.
+
+    Returns a namespace: ``model_path`` (the fused model.pt, as evaluate writes it), ``bundle_dir``,
+    ``report`` (the export report) and ``features_dir``. The scores are arbitrary (no training), but
+    every file of a real bundle is there, INT8 included when it stays within the allowed drop.
+    """
+    import types
+
+    import torch
+
+    from models.ctrgcn import config_for
+    from models.two_stream import MultiStream
+    from stages import evaluate, export
+    from stages.dataset import LoaderParams
+    from stages.features import FeaturesParams
+    from stages.store import open_store
+
+    root = tmp_path_factory.mktemp("bundle")
+    attrs = open_store(tiny_features / "features.zarr", required=()).attrs
+    names, ids = list(attrs["class_names"]), [int(c) for c in attrs["class_ids"]]
+    torch.manual_seed(0)
+    model = MultiStream(
+        {s: config_for("small", len(names)) for s in ("joint", "bone")}, weights={"joint": 0.6, "bone": 0.6}
+    ).eval()
+    loader = LoaderParams()
+    model_path = root / "model.pt"
+    torch.save(evaluate.fused_record(model, names, ids, "ntu120_xsub", loader, {}), model_path)
+    params = export.ExportParams(calibration_samples=16, latency_runs=3, int8_max_drop=100.0)
+    report = export.run(
+        params,
+        loader,
+        FeaturesParams(),
+        model_path=model_path,
+        features_dir=tiny_features,
+        out_dir=root / "export",
+        metrics_path=root / "metrics.json",
+    )
+    return types.SimpleNamespace(
+        model_path=model_path,
+        bundle_dir=root / "export" / "bundle",
+        report=report,
+        metrics_path=root / "metrics.json",
+        features_dir=tiny_features,
+    )

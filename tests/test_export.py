@@ -1,0 +1,236 @@
+"""The export stage (ONNX, parity, INT8, TensorRT, bundle) and the shared clip input path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from onnx import TensorProto, helper
+
+from models.ctrgcn import config_for
+from models.two_stream import MultiStream
+from stages import bundle, export, preprocess
+from stages.dataset import LoaderParams, SkeletonDataset
+from stages.errors import RejectedInput
+from stages.params import from_mapping
+from stages.store import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the exported graph ----------------------------------------------------------------------
+
+
+def test_bundle_holds_a_checked_graph(tiny_bundle):
+    report = tiny_bundle.report
+    assert report["onnx"]["max_intermediate_rank"] <= 4
+    assert "Einsum" not in report["onnx"]["operators"]
+    assert report["onnx"]["opset"] >= 17
+    graph = onnx.load(str(tiny_bundle.bundle_dir / "model.onnx")).graph
+    (inp,) = graph.input
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert inp.name == "joints" and dims[1:] == [3, dims[2], 25, 2]
+    assert isinstance(dims[0], str) and isinstance(dims[2], str)  # batch and T are dynamic
+    assert json.loads(tiny_bundle.metrics_path.read_text())["parity"]["top1_agreement"] == 1.0
+
+
+def _graph(nodes, inputs, outputs, value_info=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs, value_info=list(value_info))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_graph_report_rejects_einsum_and_rank5(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
+    einsum = _graph([helper.make_node("Einsum", ["x", "x"], ["y"], equation="ij,kj->ik")], [x], [y])
+    onnx.save(einsum, tmp_path / "einsum.onnx")
+    with pytest.raises(export.ExportError, match="Einsum"):
+        export.graph_report(tmp_path / "einsum.onnx")
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 2, 3, 4, 5])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [2, 3, 4, 5])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 3, 4, 5])
+    relu = helper.make_node("Relu", ["a"], ["r"])
+    reshape = helper.make_node("Reshape", ["r", "shape"], ["b"])
+    g = helper.make_graph([relu, reshape], "g", [a], [b], initializer=[shape])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "rank5.onnx")
+    with pytest.raises(export.ExportError, match="rank 4"):
+        export.graph_report(tmp_path / "rank5.onnx")
+
+
+def test_onnx_matches_torch_for_any_batch_and_length(tiny_bundle):
+    model, _ = export.load_fused(tiny_bundle.model_path)
+    session = export.ort_session(tiny_bundle.bundle_dir / "model.onnx")
+    rng = np.random.default_rng(0)
+    for n, t in ((1, 64), (3, 100), (2, 8)):
+        x = rng.normal(0, 0.3, size=(n, 3, t, 25, 2)).astype(np.float32)
+        x[..., 1] = 0  # second person absent
+        got = export.ort_scores(session, x)
+        want = export.torch_scores(model, x)
+        assert got.shape == (n, 3)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_four_stream_export_computes_motion_in_the_graph(tmp_path):
+    torch.manual_seed(1)
+    streams = ("joint", "bone", "joint_motion", "bone_motion")
+    model = MultiStream({s: config_for("small", 5) for s in streams}, weights=dict.fromkeys(streams, 0.5))
+    model.eval()
+    export.export_onnx(model, tmp_path / "m.onnx")
+    assert export.graph_report(tmp_path / "m.onnx")["max_intermediate_rank"] <= 4
+    x = np.random.default_rng(2).normal(0, 0.3, size=(2, 3, 50, 25, 2)).astype(np.float32)
+    np.testing.assert_allclose(
+        export.ort_scores(export.ort_session(tmp_path / "m.onnx"), x),
+        export.torch_scores(model, x),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+# ---- INT8, TensorRT, report ----------------------------------------------------------------
+
+
+def test_int8_and_tensorrt_are_reported(tiny_bundle):
+    report = tiny_bundle.report
+    int8 = report["int8"]
+    assert int8["calibration_samples"] == 16 and int8["in_bundle"]
+    assert 0 < int8["bytes"] < report["onnx"]["bytes"]
+    assert set(report["latency_ms_batch1"]) == {"torch_eager", "onnx_fp32", "onnx_int8"}
+    q = onnx.load(str(tiny_bundle.bundle_dir / "model.int8.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in q.graph.node}
+    if export.tensorrt_available() is None:
+        assert report["tensorrt"]["top1_agreement_vs_onnx"] == 1.0
+    else:
+        assert report["tensorrt"].startswith("skipped (")
+
+
+@pytest.mark.skipif(export.tensorrt_available() is not None, reason="needs CUDA and the tensorrt package")
+def test_tensorrt_engine_matches_onnx(tiny_bundle):  # pragma: no cover - GPU machines only
+    engine = tiny_bundle.bundle_dir / "model.plan"
+    runner = export.TensorRTRunner(engine, (1, 8, 64))
+    x = np.random.default_rng(3).normal(0, 0.3, size=(9, 3, 120, 25, 2)).astype(np.float32)
+    want = export.ort_scores(export.ort_session(tiny_bundle.bundle_dir / "model.onnx"), x)
+    np.testing.assert_allclose(runner(x), want, atol=1e-2)
+
+
+# ---- the bundle --------------------------------------------------------------------------------
+
+
+def test_bundle_verifies_and_describes_the_model(tiny_bundle):
+    meta = bundle.verify(tiny_bundle.bundle_dir)
+    assert [c["id"] for c in meta["labels"]] == [8, 9, 50]
+    assert meta["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx", "tensorrt": None}
+    assert meta["input"]["window"] == 64 and meta["fusion_weights"] == {"joint": 0.6, "bone": 0.6}
+    assert from_mapping("loader", LoaderParams, meta["sampling"]) == LoaderParams()
+    assert meta["version"] == bundle.sha256_file(tiny_bundle.bundle_dir / "model.onnx")[:12]
+
+
+@pytest.mark.parametrize("damage", ["alter", "delete", "manifest"])
+def test_bundle_refuses_damage(tiny_bundle, tmp_path, damage):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.bundle_dir, copy)
+    if damage == "alter":
+        data = bytearray((copy / "model.onnx").read_bytes())
+        data[len(data) // 2] ^= 1
+        (copy / "model.onnx").write_bytes(bytes(data))
+        match = "checksum mismatch"
+    elif damage == "delete":
+        (copy / "labels.json").unlink()
+        match = "missing"
+    else:
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["files"]["../outside"] = {"sha256": "0" * 64}
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        match = "missing"
+    with pytest.raises(bundle.BundleError, match=match):
+        bundle.verify(copy)
+    with pytest.raises(bundle.BundleError, match=r"no manifest\.json"):
+        bundle.verify(tmp_path)
+
+
+def test_cli_rejects_bad_params(tmp_path):
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc["export"]["opset"] = 11
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.export", "--params", str(tmp_path / "params.yaml"),
+         "--model", "x.pt", "--features-dir", "f", "--out-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "opset: 17 or newer" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the shared clip input path ------------------------------------------------------------
+
+
+def test_joints_from_clip_layouts():
+    one = np.random.default_rng(0).normal(size=(40, 25, 3))
+    x = preprocess.joints_from_clip(one)
+    assert x.shape == (3, 40, 25, 2) and x.dtype == np.float32
+    np.testing.assert_allclose(x[..., 0], one.transpose(2, 0, 1), rtol=1e-6)
+    assert not x[..., 1].any()
+    two = np.random.default_rng(1).normal(size=(2, 40, 25, 3))
+    np.testing.assert_allclose(preprocess.joints_from_clip(two)[..., 1], two[1].transpose(2, 0, 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("clip", "code", "words"),
+    [
+        (np.zeros((10, 24, 3)) + 0.1, "bad_shape", "25 joints of 3"),
+        (np.zeros((10, 25, 2)) + 0.1, "bad_shape", "25 joints of 3"),
+        (np.zeros((3, 10, 25, 3)) + 0.1, "bad_shape", "1 to 2 persons"),
+        (np.zeros((25, 3)), "bad_shape", r"shape \(25, 3\)"),
+        ([[[0.1, 0.2, 0.3]] * 25, [[0.1, 0.2]] * 25], "bad_shape", "rectangular"),
+        (np.zeros((0, 25, 3)), "empty", "0 frames"),
+        (np.zeros((5, 25, 3)), "empty", "no body"),
+        (np.zeros((1201, 25, 3)) + 0.1, "too_long", "1201 frames"),
+        (np.full((4, 25, 3), np.nan), "not_finite", "NaN or infinite"),
+        (np.full((4, 25, 3), 1e6), "out_of_range", "from the camera"),
+        ("not numbers", "bad_shape", "rectangular"),
+    ],
+)
+def test_joints_from_clip_rejects_with_reasons(clip, code, words):
+    with pytest.raises(preprocess.ClipError, match=words) as err:
+        preprocess.joints_from_clip(clip)
+    assert err.value.code == code
+
+
+def test_a_raw_file_gets_the_pipelines_clip(tiny_features):
+    """File -> joints -> prepare equals what the loader gives evaluate for the same stored sample."""
+    table = pq.read_table(tiny_features / "samples.parquet").to_pylist()
+    parsed = open_store(tiny_features.parent / "parsed" / "skeletons.zarr", required=("joints",))
+    loader = LoaderParams()
+    ds = SkeletonDataset(
+        tiny_features, stream="joint", benchmark="ntu120_xsub", split="test", params=loader, train=False
+    )
+    by_index = {row["index"]: row for row in table}
+    for i in range(3):
+        row = by_index[int(ds.rows[i])]
+        data = (tiny_features.parent / "raw" / row["file"]).read_bytes()
+        joints = preprocess.joints_from_skeleton_file(data)
+        stored = parsed["joints"][row["index"], :, : row["kept_frames"]]
+        np.testing.assert_array_equal(joints, stored)
+        clips = preprocess.prepare(joints, loader)
+        assert clips.shape == (1, 3, 64, 25, 2)
+        np.testing.assert_allclose(clips[0], ds[i][0].numpy(), atol=2e-3)  # the store is float16
+
+
+def test_prepare_uniform_clips_and_file_errors():
+    loader = LoaderParams(sampling="uniform", test_clips=3, window=16)
+    x = preprocess.joints_from_clip(np.random.default_rng(0).normal(size=(50, 25, 3)))
+    assert preprocess.prepare(x, loader).shape == (3, 3, 16, 25, 2)
+    with pytest.raises(RejectedInput, match="frame"):
+        preprocess.joints_from_skeleton_file(b"3\r\n1\r\n")
+    with pytest.raises(RejectedInput):
+        preprocess.joints_from_skeleton_file(b"\x00\xff garbage")
