@@ -7,7 +7,9 @@ and the median is reported with the ratio to the published code measured in the 
 
 - ``published``: ``benchmarks/reference_ctrgcn_model.py`` (the research code), default allocator;
 - ``published+malloc``: the same with our allocator setting (to show what that setting alone gives);
-- ``ours``: ``models.ctrgcn`` with the training runtime's settings (``stages.training``).
+- ``ours``: ``models.ctrgcn`` with the training runtime's settings (``stages.training``);
+- ``ours-onnx``: the same model (same weights) exported to ONNX (:func:`stages.export.export_onnx`) and
+  run by ONNX Runtime, the runtime the server uses: batch-1 latency only (no training column).
 
 On CUDA (``--device cuda``) it compares fp32 eager against bf16 autocast + ``torch.compile`` of
 ``ours`` instead. The two models compute the same function (``tests/test_ctrgcn.py``), so speed is
@@ -23,10 +25,24 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-VARIANTS_CPU = ("published", "published+malloc", "ours")
+VARIANTS_CPU = ("published", "published+malloc", "ours", "ours-onnx")
 VARIANTS_CUDA = ("ours-fp32-eager", "ours-bf16-compile")
+
+
+def onnx_latency(path: str, threads: int, steps: int, frames: int) -> dict:
+    """Batch-1 latency (ms) of an exported model in ONNX Runtime, as :func:`measure` times eager."""
+    import numpy as np
+
+    from stages import export
+
+    session = export.ort_session(path, threads)
+    x = np.random.default_rng(0).normal(size=(1, 3, frames, 25, 2)).astype(np.float32)
+    ms = export.batch1_latency_ms(lambda c: session.run(None, {export.INPUT: c}), x, steps * 3)
+    return {"train_samples_per_s": float("nan"), "latency_ms": ms}
 
 
 def measure(variant: str, size: str, threads: int, steps: int, batch: int, frames: int, device: str) -> dict:
@@ -111,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=64)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant and print JSON
+    ap.add_argument("--onnx", help=argparse.SUPPRESS)  # internal: the exported model of ours-onnx
     args = ap.parse_args(argv)
+    if args.one == "ours-onnx":
+        print(json.dumps(onnx_latency(args.onnx, args.threads, args.steps, args.frames)))
+        return 0
     if args.one:
         result = measure(args.one, args.size, args.threads, args.steps, args.batch, args.frames, args.device)
         print(json.dumps(result))
@@ -121,6 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {v: [] for v in variants}
     common = ["--size", args.size, "--threads", str(args.threads), "--steps", str(args.steps),
               "--batch", str(args.batch), "--frames", str(args.frames), "--device", args.device]  # fmt: skip
+    tmp = tempfile.TemporaryDirectory()
+    if "ours-onnx" in variants:  # exported once: the model measure() builds (same seed, same weights)
+        import torch
+
+        from models.ctrgcn import CTRGCN, config_for
+        from stages import export
+
+        torch.manual_seed(0)
+        export.export_onnx(CTRGCN(config_for(args.size, 120)), Path(tmp.name) / "ours.onnx")
+        common += ["--onnx", str(Path(tmp.name) / "ours.onnx")]
     for r in range(args.rounds):
         for v in variants if r % 2 == 0 else reversed(variants):
             out = subprocess.run(
@@ -132,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             results[v].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1} {v}: {results[v][-1]}", file=sys.stderr)
 
+    tmp.cleanup()
     base = variants[0]
     med = {
         v: {k: statistics.median(m[k] for m in ms) for k in ("train_samples_per_s", "latency_ms")}
@@ -147,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         lat = med[base]["latency_ms"] / m["latency_ms"]
         print(
             f"{v:<20} {m['train_samples_per_s']:>16.2f} {speed:>5.2f}x {m['latency_ms']:>11.1f} {lat:>5.2f}x"
+            if speed == speed  # not NaN: a model that trains here
+            else f"{v:<20} {'-':>16} {'':>6} {m['latency_ms']:>11.1f} {lat:>5.2f}x"
         )
     return 0
 

@@ -14,6 +14,8 @@ import pytest
 import yaml
 import zarr
 
+from stages import bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -41,6 +43,7 @@ def project(tmp_path_factory):
     params["train"].update(eval_every=2, workers=0)
     params["train"]["recipes"]["adamw"].update(epochs=2, batch_size=16)
     params["evaluate"].update(multi_clips=0, workers=0)
+    params["export"].update(calibration_samples=32, latency_runs=3)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     dvc(project, "init", "-q")
@@ -50,7 +53,8 @@ def project(tmp_path_factory):
 
 def test_repro_builds_the_dataset_then_skips_everything(project):
     first = dvc(project, "repro")
-    for stage in ("synthesize", "parse", "features", "train_gcn@joint", "train_gcn@bone", "evaluate"):
+    stages = ("synthesize", "parse", "features", "train_gcn@joint", "train_gcn@bone", "evaluate", "export")
+    for stage in stages:
         assert f"Running stage '{stage}'" in first
     parse_metrics = json.loads((project / "data/reports/parse.json").read_text())
     assert parse_metrics["accepted"] > 0 and parse_metrics["files"] == len(
@@ -68,3 +72,8 @@ def test_repro_builds_the_dataset_then_skips_everything(project):
     evaluation = json.loads((project / "data/evaluate/metrics.json").read_text())
     assert set(evaluation["centre_clip"]) == {"fused", "joint", "bone"}
     assert (project / "data/checkpoints/bone/last.pt").exists() and (project / "mlflow.db").exists()
+    exported = json.loads((project / "data/reports/export/metrics.json").read_text())
+    assert exported["parity"]["top1_agreement"] == 1.0
+    assert isinstance(exported["tensorrt"], dict) or exported["tensorrt"].startswith("skipped (")
+    meta = bundle.verify(project / "data/export/bundle")
+    assert meta["files"]["fp32"] == "model.onnx" and len(meta["labels"]) == 16
