@@ -137,7 +137,7 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int = 18, frames: int
             output_names=[OUTPUT],
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes={"joints": dims},
+            dynamic_shapes=(dims,),  # positional: any forward argument name
             optimize=True,
         )
     proto = program.model_proto
