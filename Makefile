@@ -38,6 +38,7 @@ bench: $(STAMP)
 	python -m benchmarks.parse_throughput --files 2000 --rss-sizes 1000,20000
 	python -m benchmarks.loader_throughput
 	python -m benchmarks.gcn_throughput --rounds 3
+	python -m benchmarks.inference_latency --rounds 5
 
 # Re-resolve requirements.in into requirements.lock in a throw-away venv.
 lock:
