@@ -18,22 +18,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def timed(run, x, runs: int) -> list[float]:
-    for _ in range(3):
-        run(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(x)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in runtimes}
     for r in range(args.rounds):
         for name in list(runtimes) if r % 2 == 0 else reversed(list(runtimes)):
-            times[name] += timed(runtimes[name], x, args.runs)
+            times[name] += export.call_times_ms(runtimes[name], x, args.runs, warmup=3)
     base = statistics.median(times["pytorch eager"])
     print(
         f"fused joint+bone CTR-GCN ({args.size}, {params / 1e6:.3f} M parameters), B=1 T={args.frames} M=2, "

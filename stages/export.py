@@ -227,16 +227,21 @@ def split_clips(
     return np.stack([x.numpy() for x, _ in items]), np.array([y for _, y in items])
 
 
-def batch1_latency_ms(run, clip: np.ndarray, runs: int) -> float:
-    """Median wall time of ``run(clip)`` over ``runs`` calls (after 5 warm-up calls), in ms."""
-    for _ in range(5):
+def call_times_ms(run, clip: np.ndarray, runs: int, warmup: int = 5) -> list[float]:
+    """Wall times (ms) of ``runs`` calls of ``run(clip)``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
         run(clip)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         run(clip)
         times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 3)
+    return times
+
+
+def batch1_latency_ms(run, clip: np.ndarray, runs: int) -> float:
+    """Median wall time of ``run(clip)`` over ``runs`` calls, in ms."""
+    return round(statistics.median(call_times_ms(run, clip, runs)), 3)
 
 
 class _Calibration:
