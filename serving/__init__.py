@@ -1,0 +1,1 @@
+"""The FastAPI inference service: ``uvicorn serving.app:app`` or ``python -m serving``."""

@@ -68,13 +68,15 @@ def verify(bundle_dir: Path) -> dict:
     if not isinstance(listed, dict) or META not in listed or LABELS not in listed:
         raise BundleError(f"{bundle_dir / MANIFEST}: must list {META} and {LABELS}")
     for name, entry in listed.items():
+        if not isinstance(entry, dict):
+            raise BundleError(f"{bundle_dir / MANIFEST}: the entry of {name!r} is not an object")
         path = bundle_dir / name
         if Path(name).name != name or not path.is_file():
             raise BundleError(f"{bundle_dir}: {name} is listed in the manifest but missing")
         if sha256_file(path) != entry.get("sha256"):
             raise BundleError(f"{path}: checksum mismatch (altered or corrupt); refusing to load it")
     meta = _read_json(bundle_dir / META)
-    labels = json.loads((bundle_dir / LABELS).read_text())
+    labels = _read_json(bundle_dir / LABELS)
     models = meta.get("files", {})
     if not models.get("fp32") or models["fp32"] not in listed:
         raise BundleError(f"{bundle_dir / META}: the fp32 model is not a checksummed file of the bundle")

@@ -49,7 +49,7 @@ def joints_from_clip(clip, limits: ClipLimits = ClipLimits()) -> np.ndarray:
     """
     try:
         x = np.asarray(clip, dtype=np.float64)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ClipError("bad_shape", f"the clip is not a rectangular array of numbers ({exc})") from None
     if x.ndim == 3:
         x = x[None]

@@ -1,0 +1,69 @@
+"""The FastAPI app: ``uvicorn serving.app:app`` (or ``python -m serving``), ``create_app(settings)`` in tests.
+
+The model is loaded in the lifespan (:class:`serving.service.Service`) from the checksummed bundle
+(``NTU_SERVE_BUNDLE_DIR``) or the MLflow registry (``NTU_SERVE_MODEL_URI``); when that fails the app
+still starts, /health answers and /ready and /v1/* answer 503 with the reason. Endpoints:
+:mod:`serving.routes` (HTTP) and :mod:`serving.stream` (the WebSocket protocol); settings:
+:mod:`serving.settings`; every error is ``{"detail": "...", "code": "..."}`` (:mod:`serving.errors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Security
+from starlette.middleware import Middleware
+
+from . import errors, routes, stream
+from .limits import BodyLimitMiddleware
+from .metrics import Metrics, MetricsMiddleware
+from .schemas import ErrorBody
+from .service import Service
+from .settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """An app serving the model ``settings`` (default: from the environment) point to."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = Service(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="NTU RGB+D action recognition",
+        summary="Skeleton clips in, action classes out (the pipeline's exported CTR-GCN ensemble).",
+        version="1",
+        lifespan=lifespan,
+        middleware=[  # outermost first: the metrics also count the size refusals
+            Middleware(MetricsMiddleware, metrics=metrics),
+            Middleware(
+                BodyLimitMiddleware,
+                max_body_bytes=settings.max_body_bytes,
+                max_upload_bytes=settings.max_upload_bytes,
+            ),
+        ],
+    )
+    app.state.service = service
+    errors.install(app)
+    app.include_router(routes.router)
+    if settings.api_key is not None:
+        app.include_router(
+            routes.v1,
+            dependencies=[Security(routes.require_api_key)],
+            responses={401: {"model": ErrorBody}},
+        )
+    else:
+        app.include_router(routes.v1)
+    app.include_router(stream.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,162 @@
+"""Running the model off the event loop, one request at a time or micro-batched.
+
+Both predictors run the blocking ``run(clips) -> scores`` in one worker thread (ONNX Runtime already
+spreads one call over ``threads`` cores; two concurrent calls would only compete for them) and return
+``(scores, Batch)``.
+
+:class:`MicroBatcher` queues the clips of concurrent requests: a batch starts with the first waiting
+request, takes every request arriving within ``window_s`` of it while the batch holds at most
+``max_clips`` clips (a request larger than that runs alone), and runs as one model call while the next
+batch gathers. A failed call fails each request of its batch with the same error; a request whose
+client went away is dropped from its batch; stopping fails whatever still waits. No request hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The model call a request's clips were part of."""
+
+    clips: int  # clips in the call
+    requests: int  # requests grouped into it
+    inference_ms: float  # wall time of the call
+
+
+Observer = Callable[[Batch], None]
+
+
+class Predictor:
+    """One model call per request, in the worker thread."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], observe: Observer = lambda b: None):
+        self._run, self._observe = run, observe
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _timed(self, clips: np.ndarray, requests: int) -> tuple[np.ndarray, Batch]:
+        start = time.perf_counter()
+        scores = self._run(clips)
+        batch = Batch(len(clips), requests, (time.perf_counter() - start) * 1000)
+        self._observe(batch)
+        return scores, batch
+
+    async def _call(self, clips: np.ndarray, requests: int) -> tuple[np.ndarray, Batch]:
+        if self._executor is None:
+            raise RuntimeError("the predictor is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, clips, requests)
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+
+    async def stop(self) -> None:
+        """Wait (off the event loop) for the call in progress; drop the calls not yet started."""
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+    async def predict(self, clips: np.ndarray) -> tuple[np.ndarray, Batch]:
+        """Scores ``(N, K)`` of ``clips`` ``(N, 3, T, 25, 2)``."""
+        return await self._call(clips, 1)
+
+
+@dataclass
+class _Waiting:
+    clips: np.ndarray
+    future: asyncio.Future
+
+
+class MicroBatcher(Predictor):
+    """Groups the clips of requests arriving within ``window_s`` into one model call."""
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        window_s: float,
+        max_clips: int,
+        observe: Observer = lambda b: None,
+    ):
+        super().__init__(run, observe)
+        self.window_s, self.max_clips = window_s, max_clips
+        self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self._task = asyncio.create_task(self._serve(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while not self._queue.empty():
+            self._fail([self._queue.get_nowait()], RuntimeError("the server is shutting down"))
+        await super().stop()
+
+    async def predict(self, clips: np.ndarray) -> tuple[np.ndarray, Batch]:
+        if self._task is None or self._task.done():
+            raise RuntimeError("the micro-batcher is not running")
+        waiting = _Waiting(clips, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(waiting)
+        return await waiting.future
+
+    async def _gather(self, batch: list[_Waiting]) -> _Waiting | None:
+        """Add to ``batch`` (its first request in it) the requests that join it within the window;
+        return the one that did not fit, which opens the next batch."""
+        size = sum(len(w.clips) for w in batch)
+        deadline = asyncio.get_running_loop().time() + self.window_s
+        while size < self.max_clips:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if size + len(item.clips) > self.max_clips:
+                return item
+            batch.append(item)
+            size += len(item.clips)
+        return None
+
+    async def _serve(self) -> None:
+        carry: _Waiting | None = None
+        while True:
+            batch: list[_Waiting] = []  # every request taken from the queue is in here until answered
+            try:
+                batch.append(carry or await self._queue.get())
+                carry = await self._gather(batch)
+                live = [w for w in batch if not w.future.done()]  # done: the client went away
+                if not live:
+                    continue
+                scores, info = await self._call(np.concatenate([w.clips for w in live]), len(live))
+            except asyncio.CancelledError:
+                self._fail([*batch, *([carry] if carry else [])], RuntimeError("the server is shutting down"))
+                raise
+            except Exception as exc:  # the model's failure is every waiting request's answer
+                self._fail(batch, exc)
+                continue
+            start = 0
+            for w in live:
+                if not w.future.done():
+                    w.future.set_result((scores[start : start + len(w.clips)], info))
+                start += len(w.clips)
+
+    @staticmethod
+    def _fail(waiting: list[_Waiting], exc: BaseException) -> None:
+        for w in waiting:
+            if not w.future.done():
+                w.future.set_exception(exc)

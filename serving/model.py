@@ -1,0 +1,160 @@
+"""The served model: a verified bundle (local or from the MLflow registry) behind one runtime.
+
+:func:`load` finds the bundle (``settings.bundle_dir``, or ``settings.model_uri`` downloaded from
+MLflow into a temporary directory and searched for its ``manifest.json``), checks every checksum with
+:func:`stages.bundle.verify` and opens the runtime ``settings.runtime`` asks for:
+
+- ``tensorrt``: the bundle's TensorRT engine (:class:`stages.export.TensorRTRunner`, CUDA only);
+- ``fp32`` / ``int8``: that ONNX model in ONNX Runtime on the best available provider of
+  TensorRT, CUDA, CPU;
+- ``auto``: the engine when the bundle has one and CUDA works, else ``fp32``.
+
+Nothing a client sends is unpickled; the model files are opened only after their checksums match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from stages import bundle, export
+from stages.dataset import LoaderParams
+from stages.params import ParamsError, from_mapping
+from stages.tracking import DEFAULT_TRACKING_URI
+
+from .settings import Settings
+
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+TENSORRT_BATCHES = (1, 8, 64)  # export's default profiles, for engines whose report lacks them
+
+
+class ModelError(RuntimeError):
+    """The model cannot be served (the reason is shown by /ready and /v1/*)."""
+
+
+@dataclass
+class LoadedModel:
+    """A verified bundle's metadata, its preprocessing parameters and a runtime ``run(clips) -> scores``.
+
+    ``run`` takes float32 clips ``(N, 3, window, 25, 2)`` and returns fused class scores ``(N, K)``;
+    it blocks (call it from a worker thread).
+    """
+
+    meta: dict
+    loader: LoaderParams
+    view_align: bool
+    run: Callable[[np.ndarray], np.ndarray]
+    runtime: dict
+    source: str
+    cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def labels(self) -> list[dict]:
+        return self.meta["labels"]
+
+
+def find_bundle(root: Path) -> Path:
+    """The directory under ``root`` (itself or the shallowest subdirectory) holding ``manifest.json``."""
+    found = sorted(root.rglob(bundle.MANIFEST), key=lambda p: (len(p.parts), str(p)))
+    if not found:
+        raise ModelError(f"{root}: no {bundle.MANIFEST} in the downloaded artifacts (not a model bundle)")
+    if len(found) > 1 and len(found[0].parts) == len(found[1].parts):
+        raise ModelError(f"{root}: several bundles at the same depth: {[str(p.parent) for p in found[:3]]}")
+    return found[0].parent
+
+
+def download(model_uri: str, dst: Path) -> Path:
+    """Download ``model_uri`` (``models:/name@alias``, ``runs:/...``, a path...) with MLflow into ``dst``."""
+    import mlflow.artifacts
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI", uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri, registry_uri=registry
+        )
+    except Exception as exc:  # MLflow raises many kinds (MlflowException, OSError, HTTP errors)
+        raise ModelError(f"cannot download {model_uri} from MLflow ({uri}): {exc}") from None
+    return find_bundle(Path(local))
+
+
+def ort_providers() -> list[str]:
+    """The ONNX Runtime providers of :data:`PROVIDERS` this installation has, best first."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [p for p in PROVIDERS if p in available]
+
+
+def _onnx(bundle_dir: Path, meta: dict, kind: str, threads: int) -> tuple[Callable, dict]:
+    name = meta["files"].get(kind)
+    if not name:
+        raise ModelError(f"{bundle_dir}: the bundle has no {kind} model (files: {meta['files']})")
+    session = export.ort_session(bundle_dir / name, threads, ort_providers())
+    info = {
+        "kind": kind,
+        "file": name,
+        "provider": session.get_providers()[0],
+        "providers": session.get_providers(),
+    }
+    return partial(export.ort_scores, session), info
+
+
+def _tensorrt(bundle_dir: Path, meta: dict) -> tuple[Callable, dict]:
+    name = meta["files"].get("tensorrt")
+    if not name:
+        raise ModelError(f"{bundle_dir}: the bundle has no TensorRT engine (built only where CUDA was)")
+    reason = export.tensorrt_available()
+    if reason is not None:
+        raise ModelError(f"the TensorRT engine cannot run here: {reason}")
+    report = meta.get("metrics", {}).get("export", {}).get("tensorrt")
+    profiles = report.get("profiles") if isinstance(report, dict) else None
+    batches = tuple(p["batch"][1] for p in profiles) if profiles else TENSORRT_BATCHES
+    runner = export.TensorRTRunner(bundle_dir / name, batches)
+    return runner, {"kind": "tensorrt", "file": name, "provider": "TensorRT", "providers": ["TensorRT"]}
+
+
+def open_runtime(bundle_dir: Path, meta: dict, runtime: str, threads: int) -> tuple[Callable, dict]:
+    """The ``run(clips) -> scores`` function for ``runtime`` and a description of what it uses."""
+    if runtime in ("fp32", "int8"):
+        return _onnx(bundle_dir, meta, runtime, threads)
+    if runtime == "tensorrt":
+        return _tensorrt(bundle_dir, meta)
+    if meta["files"].get("tensorrt") and export.tensorrt_available() is None:
+        try:
+            return _tensorrt(bundle_dir, meta)
+        except Exception as exc:  # an engine built for another GPU or TensorRT version: fall back
+            run, info = _onnx(bundle_dir, meta, "fp32", threads)
+            return run, {**info, "tensorrt_skipped": str(exc)}
+    return _onnx(bundle_dir, meta, "fp32", threads)
+
+
+def load(settings: Settings) -> LoadedModel:
+    """Verify and open the model ``settings`` point to; raises :class:`ModelError` or
+    :class:`stages.bundle.BundleError` with the reason."""
+    cleanup = contextlib.ExitStack()
+    try:
+        if settings.model_uri:
+            tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ntu-serve-")))
+            bundle_dir, source = download(settings.model_uri, tmp), settings.model_uri
+        else:
+            bundle_dir, source = Path(settings.bundle_dir), str(settings.bundle_dir)
+        meta = bundle.verify(bundle_dir)
+        try:
+            loader = from_mapping("loader", LoaderParams, meta["sampling"])
+        except (ParamsError, KeyError, TypeError) as exc:
+            raise ModelError(f"{bundle_dir}: bundle.json sampling is not a loader section ({exc})") from None
+        run, info = open_runtime(bundle_dir, meta, settings.runtime, settings.threads)
+    except BaseException:
+        cleanup.close()
+        raise
+    view_align = bool(meta.get("normalisation", {}).get("view_align", False))
+    info = {**info, "threads": settings.threads or os.cpu_count() or 1}
+    return LoadedModel(meta, loader, view_align, run, info, source, cleanup)

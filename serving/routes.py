@@ -1,0 +1,214 @@
+"""The HTTP endpoints.
+
+Open: ``GET /health`` (the process is alive), ``GET /ready`` (a model is loaded; 503 with the reason
+otherwise), ``GET /metrics`` (Prometheus).
+
+``/v1`` (the API key, when one is set, in ``X-API-Key``; 503 with the reason while no model is loaded):
+
+- ``GET /v1/model``: name, version, classes, input spec and limits, metrics, runtime and provider;
+- ``POST /v1/predict``: ``{"clip": (T, 25, 3) or (M, T, 25, 3)}`` -> the top-k classes, every class's
+  probability and score, and the inference time;
+- ``POST /v1/predict/batch``: ``{"clips": [...]}`` (at most ``max_batch``), one model call; each clip
+  is validated on its own and gets its own entry in ``results``, a prediction or an error (the
+  request itself succeeds; a bad clip does not cost the good ones their answer);
+- ``POST /v1/predict/file``: a raw NTU ``.skeleton`` file as the multipart field ``file``, parsed and
+  denoised by the parse stage's code; a malformed file gets the parser's reason.
+
+JSON bodies must be sent as ``application/json`` (415 otherwise); ``NaN``/``Infinity`` literals are
+read, and refused as ``not_finite`` with the place of the first one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Depends, Request, Security
+from fastapi.responses import PlainTextResponse
+from fastapi.security import APIKeyHeader
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from stages.errors import RejectedInput
+
+from .errors import ApiError
+from .model import LoadedModel
+from .schemas import (
+    BatchItem,
+    BatchRequest,
+    BatchResponse,
+    ErrorBody,
+    Health,
+    ModelInfo,
+    PredictRequest,
+    PredictResponse,
+    Ready,
+    describe_errors,
+)
+from .service import Service, key_matches
+
+Body = TypeVar("Body", bound=BaseModel)
+
+API_KEY_HEADER = "X-API-Key"
+_api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the server's NTU_SERVE_API_KEY")
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def ready_model(service: Annotated[Service, Depends(get_service)]) -> LoadedModel:
+    return service.require()
+
+
+async def require_api_key(
+    service: Annotated[Service, Depends(get_service)], key: Annotated[str | None, Security(_api_key)]
+) -> None:
+    """The ``/v1`` guard (installed by ``create_app`` only when a key is configured)."""
+    if not key_matches(key, service.settings.api_key):
+        raise ApiError(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header")
+
+
+Service_ = Annotated[Service, Depends(get_service)]
+Model_ = Annotated[LoadedModel, Depends(ready_model)]
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def json_body(request: Request, schema: type[Body]) -> Body:
+    """The request body as ``schema``: 415 unless it is JSON, 422 with the reason unless it fits."""
+    media = _media_type(request)
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send JSON with Content-Type: application/json (got {media or 'none'})",
+        )
+    body = await request.body()
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        code = "invalid_json" if errors[0]["type"] == "json_invalid" else "invalid_request"
+        raise ApiError(422, code, describe_errors(errors)) from None
+
+
+def _json_schema(schema: type[BaseModel]) -> dict:
+    """``openapi_extra`` for a route that reads ``schema`` as its JSON body itself."""
+    body = schema.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}
+
+
+_UPLOAD = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            }
+        },
+    }
+}
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 413, 415, 422, 503)}
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=[Depends(ready_model)])  # 503 without a model
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    return Health(status="alive")
+
+
+@router.get("/ready", response_model=Ready, responses={503: {"model": ErrorBody}})
+async def ready(service: Service_) -> Ready:
+    return Ready(ready=True, model=service.ref)
+
+
+@router.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(service: Service_) -> PlainTextResponse:
+    return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@v1.get("/model", response_model=ModelInfo)
+async def model_info(service: Service_, model: Model_) -> ModelInfo:
+    meta, s, limits = model.meta, service.settings, service.limits
+    return ModelInfo(
+        name=meta["name"],
+        version=meta["version"],
+        benchmark=meta["benchmark"],
+        streams=meta["streams"],
+        fusion=meta["fusion"],
+        normalisation=meta["normalisation"],
+        sampling=meta["sampling"],
+        classes=model.labels,
+        input={
+            **meta["input"],
+            "clip": "(T, 25, 3) for one person or (M, T, 25, 3), M <= 2; x, y, z in metres, camera space",
+            "max_frames": limits.max_frames,
+            "max_abs_metres": limits.max_abs,
+            "max_batch": s.max_batch,
+        },
+        metrics=meta.get("metrics", {}),
+        runtime={**model.runtime, "micro_batching": s.micro_batching, "max_batch_size": s.max_batch_size},
+        source=model.source,
+    )
+
+
+@v1.post("/predict", response_model=PredictResponse, openapi_extra=_json_schema(PredictRequest))
+async def predict(request: Request, service: Service_) -> PredictResponse:
+    body = await json_body(request, PredictRequest)
+    clips, frames = await run_in_threadpool(service.prepare_clip, body.clip)  # ClipError -> 422
+    (prediction,) = await service.predict([clips], [frames])
+    return PredictResponse(model=service.ref, **prediction.model_dump())
+
+
+def _prepare_all(service: Service, clips: list) -> list:
+    out = []
+    for clip in clips:
+        try:
+            out.append(service.prepare_clip(clip))
+        except RejectedInput as exc:
+            out.append(exc)
+    return out
+
+
+@v1.post("/predict/batch", response_model=BatchResponse, openapi_extra=_json_schema(BatchRequest))
+async def predict_batch(request: Request, service: Service_) -> BatchResponse:
+    body = await json_body(request, BatchRequest)
+    limit = service.settings.max_batch
+    if len(body.clips) > limit:
+        raise ApiError(422, "too_many", f"{len(body.clips)} clips in one request; at most {limit}")
+    prepared = await run_in_threadpool(_prepare_all, service, body.clips)
+    good = [p for p in prepared if not isinstance(p, RejectedInput)]  # (clips, frames) pairs
+    predictions = iter(await service.predict([c for c, _ in good], [n for _, n in good]) if good else [])
+    results = [
+        BatchItem(index=i, error=ErrorBody(detail=p.message, code=p.code))
+        if isinstance(p, RejectedInput)
+        else BatchItem(index=i, prediction=next(predictions))
+        for i, p in enumerate(prepared)
+    ]
+    return BatchResponse(model=service.ref, results=results)
+
+
+@v1.post("/predict/file", response_model=PredictResponse, openapi_extra=_UPLOAD)
+async def predict_file(request: Request, service: Service_) -> PredictResponse:
+    if _media_type(request) != "multipart/form-data":
+        raise ApiError(
+            415, "unsupported_media_type", "upload the .skeleton file as multipart/form-data, field 'file'"
+        )
+    async with request.form(max_files=1, max_fields=4) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "missing_file", "no file in the multipart field 'file' (the .skeleton file)")
+        data = await upload.read()
+    clips, frames = await run_in_threadpool(service.prepare_file, data)  # RejectedInput -> 422
+    (prediction,) = await service.predict([clips], [frames])
+    return PredictResponse(model=service.ref, **prediction.model_dump())

@@ -1,0 +1,181 @@
+"""The API's request and response bodies (pydantic), and readable validation messages.
+
+A clip is JSON nested arrays of numbers: ``(T, 25, 3)`` for one person or ``(M, T, 25, 3)`` for
+``M <= 2``, x/y/z in metres, camera space (Kinect v2 joint order, see NTU.md). Pydantic checks the
+types only (numbers, no strings or booleans; ``NaN``/``Infinity`` literals and numbers too large for a
+float are let through); the shape, length and values are checked by :mod:`stages.preprocess`, the
+pipeline's own validation, so a rejected clip gets that module's reason and code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, WithJsonSchema
+
+from models.skeleton import MAX_PERSONS, NUM_JOINTS
+
+Number = Annotated[float, Strict()]  # ints are numbers too; "1.5" and true are not
+
+_COORDS = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
+_FRAME = {"type": "array", "items": _COORDS, "minItems": NUM_JOINTS, "maxItems": NUM_JOINTS}
+_TRACK = {"type": "array", "items": _FRAME, "minItems": 1}
+_ONE = {**_TRACK, "description": "(T, 25, 3): one person"}
+_PERSONS = {
+    "type": "array",
+    "items": _TRACK,
+    "minItems": 1,
+    "maxItems": MAX_PERSONS,
+    "description": "(M, T, 25, 3): M persons, the same T",
+}
+CLIP_SCHEMA = {"anyOf": [_ONE, _PERSONS], "description": "joints x, y, z in metres, camera space"}
+_NUMBERS = {"type": "array", "items": {"type": "number"}}
+for _ in range(2):
+    _NUMBERS = {"type": "array", "items": _NUMBERS}
+BATCH_CLIP_SCHEMA = {  # the request fails on types only; each clip's shape is checked on its own
+    "anyOf": [_NUMBERS, {"type": "array", "items": _NUMBERS}],
+    "description": "a clip as for /v1/predict: (T, 25, 3) or (M, T, 25, 3); a clip of another shape "
+    "or with bad values gets an error entry of its own",
+}
+FRAME_SCHEMA = {"anyOf": [_FRAME, {"type": "array", "items": _FRAME, "minItems": 1, "maxItems": MAX_PERSONS}]}
+_LAYOUT_TAGS = ("one", "persons")
+
+
+def _layout(value: Any) -> str:
+    """``persons`` when ``value`` nests four lists deep (``(M, T, 25, 3)``), else ``one``."""
+    depth = 0
+    while isinstance(value, list) and value:
+        value, depth = value[0], depth + 1
+    return "persons" if depth >= 4 else "one"
+
+
+def frame_has_persons(frame: Any) -> bool:
+    """True for a frame ``(M, 25, 3)``, False for one person's ``(25, 3)``."""
+    return _layout([frame]) == "persons"
+
+
+def _frame_layout(value: Any) -> str:
+    return "persons" if frame_has_persons(value) else "one"
+
+
+_Clip = Annotated[
+    Annotated[list[list[list[Number]]], Tag("one")]
+    | Annotated[list[list[list[list[Number]]]], Tag("persons")],
+    Discriminator(_layout),
+]
+Clip = Annotated[_Clip, WithJsonSchema(CLIP_SCHEMA)]
+BatchClip = Annotated[_Clip, WithJsonSchema(BATCH_CLIP_SCHEMA)]
+Frame = Annotated[
+    Annotated[list[list[Number]], Tag("one")] | Annotated[list[list[list[Number]]], Tag("persons")],
+    Discriminator(_frame_layout),
+    WithJsonSchema(FRAME_SCHEMA),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(_Strict):
+    clip: Clip
+
+
+class BatchRequest(_Strict):
+    clips: list[BatchClip] = Field(min_length=1, description="clips validated and predicted one by one")
+
+
+class StreamMessage(_Strict):
+    """One WebSocket message from the client: a frame, or a reset of the window."""
+
+    frame: Frame | None = None
+    reset: bool = False
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="what was wrong, in words")
+    code: str = Field(description="a stable short name, e.g. bad_shape, not_finite, too_large")
+
+
+class ClassScore(BaseModel):
+    index: int = Field(description="0-based position in probabilities/scores")
+    id: int = Field(description="NTU action id (the Aaaa of a file name)")
+    name: str
+    probability: float
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    top: list[ClassScore] = Field(description="the top_k classes, most probable first")
+    probabilities: list[float] = Field(description="softmax per class, averaged over the clips drawn")
+    scores: list[float] = Field(
+        description="fused logits per class (one clip), or the log of the averaged probabilities"
+    )
+    frames: int = Field(description="frames of the input")
+    clips: int = Field(description="clips the test-time sampling drew from it")
+    inference_ms: float = Field(description="wall time of the model call it ran in")
+
+
+class PredictResponse(Prediction):
+    model: ModelRef
+
+
+class BatchItem(BaseModel):
+    index: int
+    prediction: Prediction | None = None
+    error: ErrorBody | None = None
+
+
+class BatchResponse(BaseModel):
+    model: ModelRef
+    results: list[BatchItem] = Field(description="one per clip, in order: a prediction or an error")
+
+
+class ClassInfo(BaseModel):
+    index: int
+    id: int
+    name: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    benchmark: str
+    streams: list[str]
+    fusion: str
+    classes: list[ClassInfo]
+    input: dict[str, Any] = Field(description="the model input and the clip limits this server applies")
+    normalisation: dict[str, Any]
+    sampling: dict[str, Any]
+    metrics: dict[str, Any]
+    runtime: dict[str, Any] = Field(
+        description="runtime kind, model file, provider in use, threads, batching"
+    )
+    source: str = Field(description="the bundle directory or MLflow model URI it was loaded from")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    model: ModelRef
+
+
+def describe_errors(errors: Sequence[dict], shown: int = 3) -> str:
+    """Pydantic/FastAPI validation errors as one line: ``clip[0][3][2]: Input should be a valid number``."""
+    parts = []
+    for error in errors[:shown]:
+        path = ""
+        for part in error.get("loc", ()):
+            if part in _LAYOUT_TAGS:
+                continue
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        parts.append(f"{path}: {error['msg']}" if path else error["msg"])
+    more = len(errors) - shown
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

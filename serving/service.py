@@ -1,0 +1,133 @@
+"""The served state of one app: the model (or why there is none), its predictor, the clip path.
+
+Every input goes through :mod:`stages.preprocess`, the pipeline's own validation, normalisation and
+test-time sampling, and the scores of a sample's clips are combined as the evaluate stage combines
+them (:func:`stages.training.average_clips`), so a clip gets the scores evaluate would give it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import numpy as np
+import torch
+from pydantic import SecretStr
+from starlette.concurrency import run_in_threadpool
+
+from stages import preprocess
+from stages.training import average_clips
+
+from . import model as model_loader
+from .batching import Batch, MicroBatcher, Predictor
+from .errors import ApiError
+from .metrics import Metrics
+from .model import LoadedModel
+from .schemas import ClassScore, ModelRef, Prediction
+from .settings import Settings
+
+log = logging.getLogger("serving")
+
+
+def key_matches(given: str | None, expected: SecretStr | None) -> bool:
+    """True when no key is configured, or ``given`` equals it (constant-time comparison)."""
+    if expected is None:
+        return True
+    return given is not None and hmac.compare_digest(given.encode(), expected.get_secret_value().encode())
+
+
+class Service:
+    """Loaded in the app's lifespan (:meth:`start`); the routes read it from ``app.state.service``."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.limits = preprocess.ClipLimits(max_frames=settings.max_frames)
+        self.model: LoadedModel | None = None
+        self.reason = "the model is still loading"
+        self.predictor: Predictor | None = None
+
+    async def start(self) -> None:
+        """Load the model; on failure keep serving /health and answer 503 with the reason."""
+        try:
+            self.model = await run_in_threadpool(model_loader.load, self.settings)
+        except Exception as exc:  # a missing, tampered or unloadable bundle must not stop the server
+            self.reason = f"no model loaded: {exc}"
+            log.error("serving: %s", self.reason)
+            return
+        s = self.settings
+        if s.micro_batching:
+            self.predictor = MicroBatcher(
+                self.model.run, s.batch_window_ms / 1000, s.max_batch_size, self.metrics.observe_batch
+            )
+        else:
+            self.predictor = Predictor(self.model.run, self.metrics.observe_batch)
+        await self.predictor.start()
+        self.metrics.ready.set(1)
+        log.info(
+            "serving: %s %s (%s)", self.model.meta["name"], self.model.meta["version"], self.model.runtime
+        )
+
+    async def stop(self) -> None:
+        self.metrics.ready.set(0)
+        if self.predictor is not None:
+            await self.predictor.stop()
+        if self.model is not None:
+            self.model.cleanup.close()
+        self.model, self.predictor, self.reason = None, None, "the server has stopped"
+
+    def require(self) -> LoadedModel:
+        if self.model is None:
+            raise ApiError(503, "not_ready", self.reason)
+        return self.model
+
+    @property
+    def ref(self) -> ModelRef:
+        meta = self.require().meta
+        return ModelRef(name=meta["name"], version=meta["version"])
+
+    # -- the clip path ---------------------------------------------------------------------------
+
+    def prepare_clip(self, clip) -> tuple[np.ndarray, int]:
+        """A client clip ``(T, 25, 3)`` / ``(M, T, 25, 3)`` -> (model clips ``(K, 3, window, 25, 2)``,
+        T); raises :class:`stages.preprocess.ClipError`."""
+        joints = preprocess.joints_from_clip(clip, self.limits)
+        return self.prepare_joints(joints), joints.shape[1]
+
+    def prepare_joints(self, joints: np.ndarray) -> np.ndarray:
+        m = self.require()
+        return preprocess.prepare(joints, m.loader, m.view_align)
+
+    def prepare_file(self, data: bytes) -> tuple[np.ndarray, int]:
+        """A raw ``.skeleton`` file -> (model clips, frames), parsed, denoised and checked as a clip."""
+        joints = preprocess.joints_from_skeleton_file(data)  # (3, T, 25, 2), the parse stage's actors
+        joints = preprocess.joints_from_clip(joints.transpose(3, 1, 2, 0), self.limits)  # the same limits
+        return self.prepare_joints(joints), joints.shape[1]
+
+    async def predict(self, prepared: list[np.ndarray], frames: list[int]) -> list[Prediction]:
+        """One model call for the clips of ``prepared`` (one array per sample), one prediction each."""
+        if self.predictor is None:
+            raise ApiError(503, "not_ready", self.reason)
+        scores, batch = await self.predictor.predict(np.concatenate(prepared))
+        out, start = [], 0
+        for clips, n in zip(prepared, frames, strict=True):
+            out.append(self.summarise(scores[start : start + len(clips)], n, batch))
+            start += len(clips)
+        return out
+
+    def summarise(self, scores: np.ndarray, frames: int, batch: Batch) -> Prediction:
+        """The clips' scores ``(K, classes)`` of one sample -> its prediction."""
+        k = len(scores)
+        fused = scores[0] if k == 1 else average_clips(torch.from_numpy(scores), k)[0].numpy()
+        fused = fused.astype(np.float64)
+        probs = np.exp(fused - fused.max())
+        probs /= probs.sum()
+        labels = self.require().labels
+        top = np.argsort(-probs, kind="stable")[: self.settings.top_k]
+        return Prediction(
+            top=[ClassScore(**labels[i], probability=float(probs[i])) for i in top],
+            probabilities=probs.tolist(),
+            scores=fused.tolist(),
+            frames=frames,
+            clips=k,
+            inference_ms=round(batch.inference_ms, 3),
+        )

@@ -1,0 +1,83 @@
+"""The server's settings: environment variables ``NTU_SERVE_<NAME>`` (or a ``Settings(...)`` in code).
+
+Every value is checked when the app is built: a mistyped or out-of-range value stops the server with a
+message naming the variable, and so does an unknown ``NTU_SERVE_*`` variable (a typo would otherwise
+be ignored in silence). ``create_app(Settings(bundle_dir=..., api_key=...))`` builds an app with
+explicit values (tests); ``serving.app:app`` reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Server configuration; each field is the variable ``NTU_SERVE_<FIELD>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="NTU_SERVE_", frozen=True, extra="forbid")
+
+    # -- the model --
+    bundle_dir: Path = Field(
+        Path("data/export/bundle"), description="the export stage's bundle directory (checksummed)"
+    )
+    model_uri: str | None = Field(
+        None,
+        description="load from MLflow instead of bundle_dir, e.g. models:/ntu120-ctrgcn@champion "
+        "(store: MLFLOW_TRACKING_URI, default sqlite:///mlflow.db); the downloaded bundle is verified "
+        "exactly like a local one",
+    )
+    runtime: Literal["auto", "fp32", "int8", "tensorrt"] = Field(
+        "auto",
+        description="auto: the bundle's TensorRT engine when there is one and CUDA works, else the fp32 "
+        "ONNX model on the best ONNX Runtime provider (TensorRT, CUDA, CPU); fp32 / int8: that ONNX "
+        "model; tensorrt: the engine or nothing",
+    )
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model call (0 = cores)")
+
+    # -- security --
+    api_key: SecretStr | None = Field(
+        None,
+        description="when set, /v1/* require it in the X-API-Key header (the WebSocket also takes the "
+        "api_key query parameter); /health, /ready and /metrics stay open",
+    )
+    host: str = Field("127.0.0.1", description="`python -m serving` binds here (loopback only by default)")
+    port: int = Field(8000, ge=1, le=65535, description="`python -m serving` listens here")
+
+    # -- input limits --
+    max_body_bytes: int = Field(16 * MiB, ge=1024, description="largest JSON body or WebSocket message")
+    max_upload_bytes: int = Field(32 * MiB, ge=1024, description="largest /v1/predict/file multipart body")
+    max_frames: int = Field(1200, ge=1, description="longest clip accepted, in frames (NTU: <= 300)")
+    max_batch: int = Field(32, ge=1, description="most clips in one /v1/predict/batch request")
+    top_k: int = Field(5, ge=1, description="labels listed per prediction (capped at the class count)")
+
+    # -- streaming (WS /v1/stream) --
+    stream_window: int = Field(90, ge=1, description="frames kept per connection (a sliding window)")
+    stream_stride: int = Field(
+        8, ge=1, description="a prediction every this many frames, once the window is full"
+    )
+
+    # -- micro-batching --
+    micro_batching: bool = Field(True, description="group concurrent requests into one model call")
+    batch_window_ms: float = Field(
+        3.0, ge=0, le=1000, description="how long a batch waits for more requests after its first"
+    )
+    max_batch_size: int = Field(32, ge=1, description="most clips in one grouped model call")
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        prefix = self.model_config["env_prefix"]
+        fields = type(self).model_fields
+        unknown = sorted(
+            k for k in os.environ if k.upper().startswith(prefix) and k[len(prefix) :].lower() not in fields
+        )
+        if unknown:
+            valid = ", ".join(prefix + name.upper() for name in fields)
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {valid}")
+        return self

@@ -1,0 +1,688 @@
+"""The FastAPI service on the tiny bundle: endpoints, parity with the pipeline, bad input, security,
+streaming, micro-batching, metrics, model sources. (The schema fuzz is in test_serving_fuzz.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+from starlette.testclient import WebSocketDenialResponse
+
+from serving import model as model_loader
+from serving.__main__ import main as serve_main
+from serving.app import create_app
+from serving.batching import MicroBatcher, Predictor
+from serving.settings import Settings
+from stages import bundle, preprocess
+from stages.dataset import LoaderParams, SkeletonDataset
+from tests.serving_helpers import (
+    Reference,
+    as_clip,
+    metric_value,
+    raw_files,
+    serving,
+    settings_for,
+    softmax,
+)
+
+ONE, TWO = 8, 50  # a one-person and a two-person action of the tiny corpus
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    with serving(tiny_bundle.bundle_dir) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def files(tiny_bundle):
+    return raw_files(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bundle):
+    return Reference(tiny_bundle, LoaderParams())
+
+
+@pytest.fixture(scope="module")
+def clip(files):
+    """A real one-person clip (T, 25, 3), camera space, as a client sends it."""
+    return as_clip(files[ONE][1], 1)
+
+
+def _is_error(response, status: int, code: str, words: str = "") -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail", "code"} and body["code"] == code, body
+    assert words.lower() in body["detail"].lower(), body
+
+
+# ---- the endpoints ------------------------------------------------------------------------------
+
+
+def test_health_ready_and_model_description(client, tiny_bundle):
+    assert client.get("/health").json() == {"status": "alive"}
+    meta = json.loads((tiny_bundle.bundle_dir / "bundle.json").read_text())
+    ready = client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "model": {"name": meta["name"], "version": meta["version"]}}
+    info = client.get("/v1/model").json()
+    assert [c["id"] for c in info["classes"]] == [8, 9, 50]
+    assert info["version"] == meta["version"] and info["streams"] == ["joint", "bone"]
+    assert info["input"]["window"] == 64 and info["input"]["max_frames"] == 300
+    assert info["runtime"]["kind"] == "fp32" and info["runtime"]["provider"] == "CPUExecutionProvider"
+    assert info["runtime"]["micro_batching"] is True
+    assert info["metrics"]["export"]["parity"]["top1_agreement"] == 1.0
+    assert info["source"] == str(tiny_bundle.bundle_dir)
+
+
+@pytest.mark.parametrize("persons", [1, 2])
+def test_predict_matches_pytorch_on_the_pipelines_clip(client, files, reference, persons):
+    joints = files[TWO if persons == 2 else ONE][1]
+    clip = as_clip(joints, persons)
+    body = client.post("/v1/predict", json={"clip": clip}).json()
+    want = reference.clip_scores(clip)[0]  # the fused PyTorch model on prepare(joints_from_clip(clip))
+    np.testing.assert_allclose(body["scores"], want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(body["probabilities"], softmax(want), atol=1e-5)
+    assert body["frames"] == joints.shape[1] and body["clips"] == 1 and body["inference_ms"] > 0
+    top = body["top"]
+    assert len(top) == 3  # top_k 5, capped at the 3 classes
+    assert [t["index"] for t in top] == list(np.argsort(-np.asarray(body["probabilities"])))
+    assert top[0]["id"] in (8, 9, 50) and top[0]["probability"] == max(body["probabilities"])
+
+
+def test_predict_gives_the_evaluate_stages_scores_for_a_stored_sample(client, tiny_bundle, reference):
+    """A stored test sample sent as a clip scores as the evaluate stage's loader + model score it."""
+    ds = SkeletonDataset(
+        tiny_bundle.features_dir, stream="joint", benchmark="ntu120_xsub", split="test",
+        params=LoaderParams(), train=False,
+    )  # fmt: skip
+    for i in (0, len(ds) - 1):
+        stored = ds.raw(i)  # normalised (3, T, 25, 2), as evaluate reads it
+        clip = stored.transpose(3, 1, 2, 0).tolist()  # (2, T, 25, 3)
+        body = client.post("/v1/predict", json={"clip": clip}).json()
+        evaluate_scores = reference.model(ds[i][0][None]).detach().numpy()[0]
+        np.testing.assert_allclose(body["scores"], evaluate_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_multi_clip_sampling_averages_probabilities(tiny_bundle, tmp_path, clip):
+    """A bundle whose sampling draws 3 uniform clips: probabilities are the mean of the clips' softmax."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.bundle_dir, copy)
+    meta = json.loads((copy / "bundle.json").read_text())
+    meta["sampling"] |= {"sampling": "uniform", "test_clips": 3}
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    bundle.write_manifest(copy)  # re-bundled properly: the checksums match again
+    reference = Reference(tiny_bundle, LoaderParams(sampling="uniform", test_clips=3))
+    with serving(copy) as c:
+        body = c.post("/v1/predict", json={"clip": clip}).json()
+    per_clip = reference.clip_scores(clip)
+    assert per_clip.shape[0] == 3 and body["clips"] == 3
+    mean = softmax(per_clip).mean(0)
+    np.testing.assert_allclose(body["probabilities"], mean, atol=1e-5)
+    np.testing.assert_allclose(body["scores"], np.log(mean), atol=1e-4)
+
+
+def test_batch_predicts_good_clips_and_reports_bad_ones(client, files, clip):
+    two = as_clip(files[TWO][1], 2)
+    bad_joints = np.zeros((10, 24, 3)).tolist()
+    nan_clip = np.array(clip)
+    nan_clip[3, 4, 1] = np.nan
+    body = json.dumps({"clips": [clip, bad_joints, two, nan_clip.tolist()]})  # NaN literal, as Python sends
+    response = client.post("/v1/predict/batch", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["index"] for r in results] == [0, 1, 2, 3]
+    assert results[1]["prediction"] is None and results[1]["error"]["code"] == "bad_shape"
+    assert "25 joints" in results[1]["error"]["detail"]
+    assert results[3]["error"] == {
+        "code": "not_finite",
+        "detail": "1 values are NaN or infinite (first: person 0, frame 3, joint 4)",
+    }
+    for i, single in ((0, clip), (2, two)):
+        alone = client.post("/v1/predict", json={"clip": single}).json()
+        assert results[i]["error"] is None
+        np.testing.assert_allclose(results[i]["prediction"]["scores"], alone["scores"], atol=1e-5)
+
+
+def test_batch_limits(client, clip):
+    _is_error(client.post("/v1/predict/batch", json={"clips": [clip[:10]] * 5}), 422, "too_many", "at most 4")
+    _is_error(client.post("/v1/predict/batch", json={"clips": []}), 422, "invalid_request", "at least 1")
+    mixed = {"clips": [clip, [[["x", 0, 0]]]]}  # a type error fails the request, naming the clip
+    _is_error(client.post("/v1/predict/batch", json=mixed), 422, "invalid_request", "clips[1][0][0][0]")
+
+
+def test_file_upload_matches_pytorch_on_the_parsed_file(client, files, reference):
+    for action in (ONE, TWO):
+        data, joints = files[action]
+        response = client.post("/v1/predict/file", files={"file": ("S001C001P001R001A008.skeleton", data)})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        want = reference.scores(preprocess.joints_from_skeleton_file(data))[0]
+        np.testing.assert_allclose(body["scores"], want, atol=1e-4, rtol=1e-4)
+        assert body["frames"] == joints.shape[1]
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "words"),
+    [
+        (b"3\r\n1\r\n", "truncated", "ends inside frame 1"),
+        (b"", None, ""),
+        (b"\x00\xff garbage", None, ""),
+    ],
+)
+def test_file_upload_rejects_malformed_files_with_the_parsers_reason(client, data, code, words):
+    response = client.post("/v1/predict/file", files={"file": ("x.skeleton", data)})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert set(body) == {"detail", "code"} and body["detail"]
+    with pytest.raises(preprocess.RejectedInput) as parser:  # the same reason the parse stage records
+        preprocess.joints_from_skeleton_file(data)
+    assert body == {"detail": parser.value.message, "code": parser.value.code}
+    if code:
+        assert body["code"] == code and words in body["detail"]
+
+
+def test_file_upload_request_errors(client, files):
+    data = files[ONE][0]
+    _is_error(client.post("/v1/predict/file", files={"other": ("x", data)}), 422, "missing_file", "'file'")
+    _is_error(client.post("/v1/predict/file", json={"file": "x"}), 415, "unsupported_media_type", "multipart")
+    two = [("file", ("a.skeleton", data)), ("file", ("b.skeleton", data))]
+    _is_error(client.post("/v1/predict/file", files=two), 400, "bad_request", "too many files")
+    big = b"0" * (2 * 1024 * 1024 + 1)
+    _is_error(client.post("/v1/predict/file", files={"file": ("x", big)}), 413, "too_large", "2097152")
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def _frames(t: int, joints: int = 25, coords: int = 3, value: float = 0.1) -> list:
+    return np.full((t, joints, coords), value).tolist()
+
+
+BAD_CLIPS = [
+    ("wrong joint count", {"clip": _frames(10, joints=24)}, "bad_shape", "25 joints of 3 coordinates"),
+    ("wrong coordinates", {"clip": _frames(10, coords=2)}, "bad_shape", "got 25 joints of 2"),
+    ("three persons", {"clip": [_frames(10)] * 3}, "bad_shape", "1 to 2 persons per clip, got 3"),
+    ("persons of unequal length", {"clip": [_frames(10), _frames(9)]}, "bad_shape", "rectangular"),
+    ("one frame, no time axis", {"clip": _frames(1)[0]}, "invalid_request", "clip[0][0]: input should be"),
+    ("empty", {"clip": []}, "bad_shape", "shape (0,)"),
+    ("too long", {"clip": _frames(301)}, "too_long", "301 frames; at most 300"),
+    ("no body", {"clip": _frames(5, value=0.0)}, "empty", "every joint of every frame is zero"),
+    ("far away", {"clip": _frames(5, value=1e6)}, "out_of_range", "at most 50.0 m"),
+    ("string", {"clip": [[["1.5", 0, 0]] * 25]}, "invalid_request", "clip[0][0][0]: input should be a valid"),
+    ("boolean", {"clip": [[[True, 0, 0]] * 25]}, "invalid_request", "valid number"),
+    ("null", {"clip": [[[None, 0, 0]] * 25]}, "invalid_request", "valid number"),
+    ("missing field", {"clips": []}, "invalid_request", "clip: field required"),
+    ("unknown field", {"clip": _frames(5), "extra": 1}, "invalid_request", "extra: extra inputs are not"),
+    ("not an object", [1, 2], "invalid_request", "input should be an object"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "words"), [c[1:] for c in BAD_CLIPS], ids=[c[0] for c in BAD_CLIPS]
+)
+def test_bad_clips_get_422_with_the_reason(client, payload, code, words):
+    _is_error(client.post("/v1/predict", json=payload), 422, code, words)
+
+
+def _raw_clip(literal: str, frame: int = 2, joint: int = 5) -> bytes:
+    """A valid 4-frame clip's JSON text with the x of (``frame``, ``joint``) written as ``literal``."""
+    parts = json.dumps({"clip": _frames(4)}).split("0.1")
+    k = frame * 25 * 3 + joint * 3  # which occurrence of 0.1
+    return ("0.1".join(parts[: k + 1]) + literal + "0.1".join(parts[k + 1 :])).encode()
+
+
+@pytest.mark.parametrize(
+    ("literal", "words"),
+    [
+        ("NaN", "NaN or infinite (first: person 0, frame 2, joint 5)"),
+        ("Infinity", "NaN or infinite"),
+        ("-Infinity", "NaN or infinite"),
+        ("1e999", "NaN or infinite"),  # overflows a float
+        ("9" * 400, "NaN or infinite"),  # an integer no float can hold
+    ],
+)
+def test_non_finite_and_huge_numbers_are_refused(client, literal, words):
+    response = client.post(
+        "/v1/predict", content=_raw_clip(literal), headers={"Content-Type": "application/json"}
+    )
+    _is_error(response, 422, "not_finite", words)
+
+
+def test_malformed_json_and_content_types(client, clip):
+    post = client.post
+    _is_error(post("/v1/predict", content=b'{"clip": [', headers={"Content-Type": "application/json"}),
+              422, "invalid_json", "invalid json")  # fmt: skip
+    _is_error(
+        post("/v1/predict", content=b"", headers={"Content-Type": "application/json"}), 422, "invalid_json"
+    )
+    _is_error(post("/v1/predict", content=json.dumps({"clip": clip}), headers={"Content-Type": "text/plain"}),
+              415, "unsupported_media_type", "got text/plain")  # fmt: skip
+    _is_error(
+        post("/v1/predict", content=json.dumps({"clip": clip})), 415, "unsupported_media_type", "got none"
+    )
+    _is_error(post("/v1/predict", data={"clip": "1"}), 415, "unsupported_media_type", "x-www-form-urlencoded")
+    ok = post(
+        "/v1/predict",
+        content=json.dumps({"clip": clip}),
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert ok.status_code == 200
+    _is_error(client.get("/v1/predict"), 405, "method_not_allowed")
+    _is_error(client.get("/v1/nothing"), 404, "not_found")
+
+
+def test_body_size_limits_by_header_and_by_counting(client):
+    big = json.dumps({"clip": _frames(300)} | {"pad": "x" * 600_000}).encode()
+    headers = {"Content-Type": "application/json"}
+    _is_error(client.post("/v1/predict", content=big, headers=headers), 413, "too_large", "524288 bytes")
+    # A declared length under the limit with more bytes behind it: stopped by counting what arrives.
+    lying = {**headers, "Content-Length": "100"}
+    _is_error(client.post("/v1/predict", content=big, headers=lying), 413, "too_large", "524288 bytes")
+
+    def chunks():  # no Content-Length at all (chunked)
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    _is_error(client.post("/v1/predict", content=chunks(), headers=headers), 413, "too_large")
+    bad = {**headers, "Content-Length": "lots"}
+    _is_error(client.post("/v1/predict", content=b"{}", headers=bad), 400, "bad_request", "not a byte count")
+
+
+# ---- streaming ------------------------------------------------------------------------------------
+
+
+def _predictions(ws, n: int) -> list[dict]:
+    out = [ws.receive_json() for _ in range(n)]
+    assert all(m["type"] == "prediction" for m in out), out
+    return out
+
+
+def test_stream_predicts_every_stride_frames_once_the_window_is_full(client, clip):
+    with client.websocket_connect("/v1/stream") as ws:
+        for frame in clip[:20]:
+            ws.send_json({"frame": frame})
+        got = _predictions(ws, 3)  # window 12, stride 4: after frames 12, 16, 20
+        assert [m["frame"] for m in got] == [12, 16, 20]
+        for m in got:
+            assert m["window"] == 12 and m["frames"] == 12 and m["clips"] == 1
+            assert m["latency_ms"] >= m["inference_ms"] > 0
+            assert abs(sum(m["probabilities"]) - 1) < 1e-6 and len(m["top"]) == 3
+        # The window after frame 20 is frames 9..20: the same scores as /v1/predict on those frames.
+        alone = client.post("/v1/predict", json={"clip": clip[8:20]}).json()
+        np.testing.assert_allclose(got[2]["scores"], alone["scores"], atol=1e-5)
+
+        ws.send_json({"reset": True})
+        assert ws.receive_json() == {"type": "reset", "frame": 0}
+        for frame in clip[:12]:
+            ws.send_bytes(json.dumps({"frame": frame}).encode())  # binary messages work too
+        assert _predictions(ws, 1)[0]["frame"] == 12
+
+
+def test_stream_two_persons(client, files):
+    two = np.asarray(as_clip(files[TWO][1], 2))  # 2, T, 25, 3
+    with client.websocket_connect("/v1/stream") as ws:
+        for t in range(12):
+            ws.send_json({"frame": two[:, t].tolist()})
+        got = _predictions(ws, 1)[0]
+    alone = client.post("/v1/predict", json={"clip": two[:, :12].tolist()}).json()
+    np.testing.assert_allclose(got["scores"], alone["scores"], atol=1e-5)
+
+
+STREAM_ERRORS = [
+    ("not json", "bad_message", "invalid json"),
+    (json.dumps([1, 2]), "bad_message", "input should be an object"),
+    (json.dumps({"frame": [[0.1, 0.2]] * 25}), "bad_shape", "got 25 joints of 2"),
+    (json.dumps({"frame": [[0.1, 0.2, 0.3]] * 24}), "bad_shape", "got 24 joints"),
+    (json.dumps({"frame": [[[0.1, 0.2, 0.3]] * 25] * 3}), "bad_shape", "1 to 2 persons"),
+    ('{"frame": [' + ", ".join(["[NaN, 0.1, 0.1]"] * 25) + "]}", "not_finite", "NaN or infinite"),
+    (json.dumps({"frame": [[0.0, 0.0, 0.0]] * 25}), "empty", "no body"),
+    (json.dumps({"frame": [[100.0, 0.1, 0.1]] * 25}), "out_of_range", "at most 50.0 m"),
+    (json.dumps({"frame": [["a", 0.1, 0.1]] * 25}), "bad_message", "valid number"),
+    (json.dumps({"hello": 1}), "bad_message", "extra inputs are not permitted"),
+    (json.dumps({}), "bad_message", 'send {"frame"'),
+    (json.dumps({"reset": True, "frame": [[0.1, 0.1, 0.1]] * 25}), "bad_message", "two messages"),
+    (json.dumps({"frame": [[0.1, 0.1, 0.1]] * 25, "pad": "x" * 600_000}), "too_large", "at most 524288"),
+]
+
+
+def test_stream_answers_broken_messages_and_stays_usable(client, clip):
+    with client.websocket_connect("/v1/stream") as ws:
+        for frame in clip[:10]:
+            ws.send_json({"frame": frame})
+        for message, code, words in STREAM_ERRORS:  # none of these counts as a frame
+            ws.send_text(message)
+            reply = ws.receive_json()
+            assert reply["type"] == "error" and reply["code"] == code, (message[:80], reply)
+            assert words.lower() in reply["detail"].lower(), reply
+        for frame in clip[10:12]:
+            ws.send_json({"frame": frame})
+        assert _predictions(ws, 1)[0]["frame"] == 12
+
+
+# ---- security -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_bundle):
+    with serving(tiny_bundle.bundle_dir, api_key="s3cret-key") as c:
+        yield c
+
+
+def test_api_key_guards_v1_only(secured, clip):
+    for path in ("/health", "/ready", "/metrics"):
+        assert secured.get(path).status_code == 200
+    _is_error(secured.get("/v1/model"), 401, "unauthorized", "X-API-Key")
+    _is_error(secured.get("/v1/model", headers={"X-API-Key": "s3cret-kez"}), 401, "unauthorized")
+    _is_error(secured.post("/v1/predict", content=b"junk"), 401, "unauthorized")  # before the body is read
+    _is_error(secured.post("/v1/predict/file", files={"file": ("x", b"1")}), 401, "unauthorized")
+    assert secured.get("/v1/model", headers={"X-API-Key": "s3cret-key"}).status_code == 200
+    ok = secured.post("/v1/predict", json={"clip": clip}, headers={"X-API-Key": "s3cret-key"})
+    assert ok.status_code == 200
+    schemes = secured.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert schemes["APIKeyHeader"]["in"] == "header" and schemes["APIKeyHeader"]["name"] == "X-API-Key"
+
+
+def test_api_key_guards_the_websocket(secured, clip):
+    for kwargs in ({}, {"headers": {"X-API-Key": "wrong"}}):
+        with (
+            pytest.raises(WebSocketDenialResponse) as denied,
+            secured.websocket_connect("/v1/stream", **kwargs),
+        ):
+            pass
+        assert denied.value.status_code == 401 and denied.value.json()["code"] == "unauthorized"
+    with pytest.raises(WebSocketDenialResponse), secured.websocket_connect("/v1/stream?api_key=wrong"):
+        pass
+    for url, kwargs in (
+        ("/v1/stream", {"headers": {"X-API-Key": "s3cret-key"}}),
+        ("/v1/stream?api_key=s3cret-key", {}),
+    ):
+        with secured.websocket_connect(url, **kwargs) as ws:
+            for frame in clip[:12]:
+                ws.send_json({"frame": frame})
+            assert _predictions(ws, 1)[0]["frame"] == 12
+
+
+def test_websocket_refusal_is_a_close_where_the_server_cannot_send_http(tiny_bundle):
+    """Servers without the WebSocket denial-response extension get a close with code 1008."""
+    app = create_app(settings_for(tiny_bundle.bundle_dir, api_key="s3cret-key"))
+    scope = {"type": "websocket", "path": "/v1/stream", "raw_path": b"/v1/stream", "query_string": b"",
+             "headers": [], "scheme": "ws", "server": ("testserver", 80), "client": ("client", 1),
+             "root_path": "", "subprotocols": [], "asgi": {"version": "3.0"}}  # fmt: skip
+    sent = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": sent[0]["reason"]}]
+    assert "X-API-Key" in sent[0]["reason"]
+
+
+@pytest.mark.parametrize("damage", ["alter", "missing"])
+def test_a_damaged_bundle_is_not_served_but_the_app_runs(tiny_bundle, tmp_path, clip, damage):
+    copy = tmp_path / "bundle"
+    if damage == "alter":
+        shutil.copytree(tiny_bundle.bundle_dir, copy)
+        data = bytearray((copy / "model.onnx").read_bytes())
+        data[len(data) // 2] ^= 1
+        (copy / "model.onnx").write_bytes(bytes(data))
+        reason = "checksum mismatch"
+    else:
+        reason = "no manifest.json"
+    with serving(copy) as c:
+        assert c.get("/health").json() == {"status": "alive"}
+        _is_error(c.get("/ready"), 503, "not_ready", reason)
+        _is_error(c.post("/v1/predict", json={"clip": clip}), 503, "not_ready", reason)
+        _is_error(c.get("/v1/model"), 503, "not_ready", reason)
+        _is_error(c.post("/v1/predict/file", files={"file": ("x", b"1")}), 503, "not_ready", reason)
+        with pytest.raises(WebSocketDenialResponse) as denied, c.websocket_connect("/v1/stream"):
+            pass
+        assert denied.value.status_code == 503 and reason in denied.value.json()["detail"]
+        assert metric_value(c.get("/metrics").text, "ntu_serve_model_ready") == 0.0
+
+
+# ---- micro-batching -------------------------------------------------------------------------------
+
+
+def test_micro_batching_on_and_off_give_the_same_scores(tiny_bundle, files, clip):
+    clips = [clip, as_clip(files[TWO][1], 2), clip[:40]]
+    answers = {}
+    for batching in (True, False):
+        with serving(tiny_bundle.bundle_dir, micro_batching=batching, batch_window_ms=150) as c:
+            assert c.get("/v1/model").json()["runtime"]["micro_batching"] is batching
+            with ThreadPoolExecutor(6) as pool:  # concurrent requests: grouped when batching
+                answers[batching] = list(
+                    pool.map(lambda x: c.post("/v1/predict", json={"clip": x}).json(), clips * 2)
+                )
+            text = c.get("/metrics").text
+        grouped = metric_value(text, "ntu_serve_batch_requests_sum") > metric_value(
+            text, "ntu_serve_batch_requests_count"
+        )
+        assert grouped is batching  # with batching some model call served several requests
+    for on, off in zip(answers[True], answers[False], strict=True):
+        np.testing.assert_allclose(on["scores"], off["scores"], atol=1e-5)
+
+
+def test_micro_batcher_groups_splits_and_never_hangs():
+    calls = []
+
+    def run(x):
+        calls.append(len(x))
+        return x.reshape(len(x), -1).sum(1, keepdims=True) * np.ones((1, 2))
+
+    async def scenario():
+        batcher = MicroBatcher(run, window_s=0.05, max_clips=4)
+        await batcher.start()
+        inputs = [np.full((n, 3), i, dtype=np.float32) for i, n in enumerate((1, 2, 1, 2))]
+        results = await asyncio.gather(*(batcher.predict(x) for x in inputs))
+        await batcher.stop()
+        return inputs, results
+
+    inputs, results = asyncio.run(scenario())
+    assert calls == [4, 2]  # 1 + 2 + 1 fill the first call; the last request opens the next
+    for x, (scores, _) in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(scores, run(x))
+    assert [b.requests for _, b in results] == [3, 3, 3, 1]
+
+
+def test_micro_batcher_delivers_a_failed_call_to_every_request():
+    def run(x):
+        if (x < 0).any():
+            raise RuntimeError("model exploded")
+        return x[:, :1]
+
+    async def scenario():
+        batcher = MicroBatcher(run, window_s=0.05, max_clips=32)
+        await batcher.start()
+        bad = [batcher.predict(np.full((1, 2), v, dtype=np.float32)) for v in (1, -1, 2)]
+        failed = await asyncio.wait_for(asyncio.gather(*bad, return_exceptions=True), 5)
+        later, _ = await asyncio.wait_for(batcher.predict(np.ones((1, 2), np.float32)), 5)  # still serving
+        await batcher.stop()
+        return failed, later
+
+    failed, later = asyncio.run(scenario())
+    assert all(isinstance(f, RuntimeError) and "exploded" in str(f) for f in failed)
+    assert later.tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_inference_runs_off_the_event_loop(batching):
+    started = threading.Event()
+
+    def slow(x):
+        started.set()
+        time.sleep(0.4)
+        return x
+
+    async def scenario():
+        predictor = MicroBatcher(slow, 0.001, 8) if batching else Predictor(slow)
+        await predictor.start()
+        task = asyncio.create_task(predictor.predict(np.ones((1, 1), np.float32)))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.01)  # the loop keeps turning while the model runs
+        ticked = time.perf_counter() - t0
+        await task
+        await predictor.stop()
+        return ticked
+
+    assert asyncio.run(scenario()) < 0.2
+
+
+@pytest.mark.parametrize("where", ["running", "gathering"])
+def test_stopping_fails_waiting_requests(where):
+    """Requests in a model call, gathering into a batch or queued get an error when the server stops."""
+    release = threading.Event()
+
+    def blocked(x):
+        release.wait(5)
+        return x
+
+    async def scenario():
+        window, size = (0.0, 1) if where == "running" else (30.0, 8)  # gathering: a 30 s window
+        batcher = MicroBatcher(blocked, window, size)
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.predict(np.ones((1, 1), np.float32))) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait_for(stopping, 5)
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+
+    started = time.perf_counter()
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, RuntimeError) and "shutting down" in str(r) for r in results), results
+    assert time.perf_counter() - started < 2
+
+
+# ---- metrics, settings, model sources -----------------------------------------------------------
+
+
+def test_metrics_count_requests_latency_inference_and_batches(client, clip):
+    unmatched = {"route": "unmatched", "method": "GET", "status": "404"}  # unknown paths share one label
+    before = metric_value(client.get("/metrics").text, "ntu_serve_requests_total", **unmatched)
+    client.post("/v1/predict", json={"clip": clip})
+    client.post("/v1/predict", json={"clip": []})
+    client.get("/no/such/path")
+    client.post("/v1/predict", content=b"x" * 600_000, headers={"Content-Type": "application/json"})
+    text = client.get("/metrics").text
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+    route = {"route": "/v1/predict", "method": "POST"}
+    assert metric_value(text, "ntu_serve_requests_total", **route, status="200") >= 1
+    assert metric_value(text, "ntu_serve_requests_total", **route, status="422") >= 1
+    assert metric_value(text, "ntu_serve_requests_total", **unmatched) == before + 1
+    assert metric_value(text, "ntu_serve_requests_total", status="413") >= 1
+    assert metric_value(text, "ntu_serve_request_seconds_count", **route) >= 3
+    assert metric_value(text, "ntu_serve_inference_seconds_count") >= 1
+    assert metric_value(text, "ntu_serve_batch_clips_count") >= 1
+    assert metric_value(text, "ntu_serve_model_ready") == 1.0
+
+
+def test_settings_defaults_environment_and_errors(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("NTU_SERVE_"):
+            monkeypatch.delenv(key)
+    s = Settings()
+    assert (s.host, s.port, s.top_k, s.stream_window, s.stream_stride) == ("127.0.0.1", 8000, 5, 90, 8)
+    assert (s.micro_batching, s.batch_window_ms, s.max_batch_size, s.runtime) == (True, 3.0, 32, "auto")
+    assert str(s.bundle_dir) == "data/export/bundle" and s.api_key is None and s.model_uri is None
+    monkeypatch.setenv("NTU_SERVE_TOP_K", "2")
+    monkeypatch.setenv("NTU_SERVE_API_KEY", "hunter2")
+    s = Settings()
+    assert s.top_k == 2 and s.api_key.get_secret_value() == "hunter2" and "hunter2" not in repr(s)
+    monkeypatch.setenv("NTU_SERVE_RUNTIME", "gpu")
+    with pytest.raises(ValidationError, match="runtime"):
+        Settings()
+    monkeypatch.delenv("NTU_SERVE_RUNTIME")
+    monkeypatch.setenv("NTU_SERVE_TOPK", "3")  # a typo fails instead of being ignored
+    with pytest.raises(ValidationError, match=r"unknown setting.*NTU_SERVE_TOPK.*NTU_SERVE_TOP_K"):
+        Settings()
+    monkeypatch.delenv("NTU_SERVE_TOPK")
+
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: served.update(kw, app=app))
+    serve_main()
+    assert served["host"] == "127.0.0.1" and served["port"] == 8000
+
+
+def test_framework_errors_keep_the_error_shape(tiny_bundle):
+    app = create_app(settings_for(tiny_bundle.bundle_dir))
+
+    @app.get("/probe")
+    async def probe(n: int) -> dict:
+        raise RuntimeError("a bug")
+
+    c = TestClient(app, raise_server_exceptions=False)  # no lifespan needed
+    _is_error(c.get("/probe?n=x"), 422, "invalid_request", "query.n: Input should be a valid integer")
+    _is_error(c.get("/probe?n=1"), 500, "internal", "internal error (RuntimeError)")
+
+
+def test_runtimes(tiny_bundle):
+    int8 = model_loader.load(settings_for(tiny_bundle.bundle_dir, runtime="int8"))
+    assert int8.runtime["kind"] == "int8" and int8.runtime["file"] == "model.int8.onnx"
+    assert int8.run(np.zeros((2, 3, 64, 25, 2), np.float32)).shape == (2, 3)
+    with pytest.raises(model_loader.ModelError, match="no TensorRT engine"):
+        model_loader.load(settings_for(tiny_bundle.bundle_dir, runtime="tensorrt"))
+    auto = model_loader.load(settings_for(tiny_bundle.bundle_dir, runtime="auto"))
+    assert auto.runtime["kind"] == "fp32"  # no engine in the bundle: fp32 on the best provider
+
+
+def test_model_from_an_mlflow_registry_alias(tiny_bundle, tmp_path, monkeypatch, clip):
+    import mlflow  # 2 s to import: only here
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri, uri)
+    experiment = client.create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(tiny_bundle.bundle_dir), "bundle")
+    client.create_registered_model("ntu120-ctrgcn")
+    version = client.create_model_version(
+        "ntu120-ctrgcn", source=f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id
+    )
+    client.set_registered_model_alias("ntu120-ctrgcn", "champion", version.version)
+    with serving(tmp_path / "nowhere", model_uri="models:/ntu120-ctrgcn@champion") as c:
+        info = c.get("/v1/model").json()
+        assert info["source"] == "models:/ntu120-ctrgcn@champion"
+        assert info["version"] == bundle.verify(tiny_bundle.bundle_dir)["version"]
+        assert c.post("/v1/predict", json={"clip": clip}).status_code == 200
+    with serving(tmp_path / "nowhere", model_uri="models:/ntu120-ctrgcn@nobody") as c:
+        _is_error(c.get("/ready"), 503, "not_ready", "cannot download models:/ntu120-ctrgcn@nobody")
+
+
+def test_downloaded_artifacts_are_searched_and_verified(tiny_bundle, tmp_path):
+    nested = tmp_path / "artifacts" / "model" / "bundle"
+    shutil.copytree(tiny_bundle.bundle_dir, nested)
+    (tmp_path / "artifacts" / "README").write_text("not a bundle")
+    assert model_loader.find_bundle(tmp_path / "artifacts") == nested
+    loaded = model_loader.load(settings_for(tmp_path / "nowhere", model_uri=str(tmp_path / "artifacts")))
+    assert loaded.meta["version"] == bundle.verify(tiny_bundle.bundle_dir)["version"]
+    loaded.cleanup.close()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(model_loader.ModelError, match=r"no manifest\.json"):
+        model_loader.find_bundle(tmp_path / "empty")
+    shutil.copytree(nested, tmp_path / "artifacts" / "model" / "other")
+    with pytest.raises(model_loader.ModelError, match="several bundles"):
+        model_loader.find_bundle(tmp_path / "artifacts")
+    shutil.rmtree(tmp_path / "artifacts" / "model" / "other")
+    data = bytearray((nested / "labels.json").read_bytes())
+    data[5] ^= 1
+    (nested / "labels.json").write_bytes(bytes(data))
+    with pytest.raises(bundle.BundleError, match="checksum mismatch"):
+        model_loader.load(settings_for(tmp_path / "nowhere", model_uri=str(tmp_path / "artifacts")))
