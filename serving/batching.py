@@ -1,14 +1,18 @@
 """Running the model off the event loop, one request at a time or micro-batched.
 
-Both predictors run the blocking ``run(clips) -> scores`` in one worker thread (ONNX Runtime already
-spreads one call over ``threads`` cores; two concurrent calls would only compete for them) and return
-``(scores, Batch)``.
+Both predictors run the blocking ``run(clips) -> scores`` in ``workers`` threads (at most that many
+model calls at once; ``run`` must be safe to call from several threads when ``workers > 1``, as an ONNX
+Runtime session is) and return ``(scores, Batch)``. On a CPU, ``workers`` calls of one intra-op thread
+each keep the cores busier than one call spread over them: a small model's operators are too short to
+split well across threads, and the event loop's own work (HTTP, JSON, validation) then does not wait for
+a core (measured in ``benchmarks/serve_load.py``).
 
-:class:`MicroBatcher` queues the clips of concurrent requests: a batch starts with the first waiting
-request, takes every request arriving within ``window_s`` of it while the batch holds at most
-``max_clips`` clips (a request larger than that runs alone), and runs as one model call while the next
-batch gathers. A failed call fails each request of its batch with the same error; a request whose
-client went away is dropped from its batch; stopping fails whatever still waits. No request hangs.
+:class:`MicroBatcher` queues the clips of concurrent requests: once a worker is free, a batch starts
+with the first waiting request and takes every request arriving within ``window_s`` of it while the
+batch holds at most ``max_clips`` clips (a request larger than that runs alone), then runs as one model
+call while the next batch gathers. While every worker is busy the queue grows, so the next batch takes
+what arrived meanwhile. A failed call fails each request of its batch with the same error; a request
+whose client went away is dropped from its batch; stopping fails whatever still waits. No request hangs.
 """
 
 from __future__ import annotations
@@ -36,10 +40,14 @@ Observer = Callable[[Batch], None]
 
 
 class Predictor:
-    """One model call per request, in the worker thread."""
+    """One model call per request, in one of ``workers`` threads."""
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], observe: Observer = lambda b: None):
-        self._run, self._observe = run, observe
+    def __init__(
+        self, run: Callable[[np.ndarray], np.ndarray], observe: Observer = lambda b: None, workers: int = 1
+    ):
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self._run, self._observe, self.workers = run, observe, workers
         self._executor: ThreadPoolExecutor | None = None
 
     def _timed(self, clips: np.ndarray, requests: int) -> tuple[np.ndarray, Batch]:
@@ -55,7 +63,7 @@ class Predictor:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, clips, requests)
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="inference")
 
     async def stop(self) -> None:
         """Wait (off the event loop) for the call in progress; drop the calls not yet started."""
@@ -83,11 +91,14 @@ class MicroBatcher(Predictor):
         window_s: float,
         max_clips: int,
         observe: Observer = lambda b: None,
+        workers: int = 1,
     ):
-        super().__init__(run, observe)
+        super().__init__(run, observe, workers)
         self.window_s, self.max_clips = window_s, max_clips
         self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._free = asyncio.Semaphore(workers)  # workers not running a batch
+        self._running: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await super().start()
@@ -99,6 +110,9 @@ class MicroBatcher(Predictor):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._running):  # the batches in progress get their answers
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         while not self._queue.empty():
             self._fail([self._queue.get_nowait()], RuntimeError("the server is shutting down"))
         await super().stop()
@@ -135,25 +149,40 @@ class MicroBatcher(Predictor):
     async def _serve(self) -> None:
         carry: _Waiting | None = None
         while True:
-            batch: list[_Waiting] = []  # every request taken from the queue is in here until answered
+            batch: list[_Waiting] = []  # every request taken from the queue is in here until handed on
             try:
-                batch.append(carry or await self._queue.get())
-                carry = await self._gather(batch)
-                live = [w for w in batch if not w.future.done()]  # done: the client went away
-                if not live:
-                    continue
-                scores, info = await self._call(np.concatenate([w.clips for w in live]), len(live))
+                await self._free.acquire()
+                try:
+                    batch.append(carry or await self._queue.get())
+                    carry = await self._gather(batch)
+                except BaseException:
+                    self._free.release()
+                    raise
             except asyncio.CancelledError:
                 self._fail([*batch, *([carry] if carry else [])], RuntimeError("the server is shutting down"))
                 raise
+            task = asyncio.create_task(self._answer(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _answer(self, batch: list[_Waiting]) -> None:
+        """Run one batch in a worker and give each of its requests its scores (or the error)."""
+        try:
+            live = [w for w in batch if not w.future.done()]  # done: the client went away
+            if not live:
+                return
+            try:
+                scores, info = await self._call(np.concatenate([w.clips for w in live]), len(live))
             except Exception as exc:  # the model's failure is every waiting request's answer
-                self._fail(batch, exc)
-                continue
+                self._fail(live, exc)
+                return
             start = 0
             for w in live:
                 if not w.future.done():
                     w.future.set_result((scores[start : start + len(w.clips)], info))
                 start += len(w.clips)
+        finally:
+            self._free.release()
 
     @staticmethod
     def _fail(waiting: list[_Waiting], exc: BaseException) -> None:

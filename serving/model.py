@@ -53,6 +53,7 @@ class LoadedModel:
     run: Callable[[np.ndarray], np.ndarray]
     runtime: dict
     source: str
+    workers: int = 1  # calls of ``run`` that may run at once
     cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
@@ -151,10 +152,15 @@ def load(settings: Settings) -> LoadedModel:
             loader = from_mapping("loader", LoaderParams, meta["sampling"])
         except (ParamsError, KeyError, TypeError) as exc:
             raise ModelError(f"{bundle_dir}: bundle.json sampling is not a loader section ({exc})") from None
-        run, info = open_runtime(bundle_dir, meta, settings.runtime, settings.threads)
+        cores = os.cpu_count() or 1
+        workers = settings.workers or (cores if ort_providers()[0] == "CPUExecutionProvider" else 1)
+        threads = settings.threads or max(1, cores // workers)
+        run, info = open_runtime(bundle_dir, meta, settings.runtime, threads)
     except BaseException:
         cleanup.close()
         raise
     view_align = bool(meta.get("normalisation", {}).get("view_align", False))
-    info = {**info, "threads": settings.threads or os.cpu_count() or 1}
-    return LoadedModel(meta, loader, view_align, run, info, source, cleanup)
+    if info["kind"] == "tensorrt":  # one CUDA context and stream: not safe from several threads
+        workers, threads = 1, 0
+    info = {**info, "threads": threads, "workers": workers}
+    return LoadedModel(meta, loader, view_align, run, info, source, workers, cleanup)

@@ -157,7 +157,11 @@ async def model_info(service: Service_, model: Model_) -> ModelInfo:
             "max_batch": s.max_batch,
         },
         metrics=meta.get("metrics", {}),
-        runtime={**model.runtime, "micro_batching": s.micro_batching, "max_batch_size": s.max_batch_size},
+        runtime={
+            **model.runtime,
+            "micro_batching": service.micro_batching,
+            "max_batch_size": s.max_batch_size,
+        },
         source=model.source,
     )
 

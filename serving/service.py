@@ -45,6 +45,7 @@ class Service:
         self.model: LoadedModel | None = None
         self.reason = "the model is still loading"
         self.predictor: Predictor | None = None
+        self.micro_batching = False  # decided when the model is loaded (settings, else its device)
 
     async def start(self) -> None:
         """Load the model; on failure keep serving /health and answer 503 with the reason."""
@@ -55,12 +56,19 @@ class Service:
             log.error("serving: %s", self.reason)
             return
         s = self.settings
-        if s.micro_batching:
+        self.micro_batching = s.micro_batching
+        if self.micro_batching is None:
+            self.micro_batching = self.model.runtime["provider"] != "CPUExecutionProvider"
+        if self.micro_batching:
             self.predictor = MicroBatcher(
-                self.model.run, s.batch_window_ms / 1000, s.max_batch_size, self.metrics.observe_batch
+                self.model.run,
+                s.batch_window_ms / 1000,
+                s.max_batch_size,
+                self.metrics.observe_batch,
+                self.model.workers,
             )
         else:
-            self.predictor = Predictor(self.model.run, self.metrics.observe_batch)
+            self.predictor = Predictor(self.model.run, self.metrics.observe_batch, self.model.workers)
         await self.predictor.start()
         self.metrics.ready.set(1)
         log.info(

@@ -39,7 +39,15 @@ class Settings(BaseSettings):
         "ONNX model on the best ONNX Runtime provider (TensorRT, CUDA, CPU); fp32 / int8: that ONNX "
         "model; tensorrt: the engine or nothing",
     )
-    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model call (0 = cores)")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="model calls run at once (0 = one per core with the CPU provider, else 1; a TensorRT "
+        "engine always runs one call at a time)",
+    )
+    threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads per model call (0 = cores / workers, at least 1)"
+    )
 
     # -- security --
     api_key: SecretStr | None = Field(
@@ -64,7 +72,12 @@ class Settings(BaseSettings):
     )
 
     # -- micro-batching --
-    micro_batching: bool = Field(True, description="group concurrent requests into one model call")
+    micro_batching: bool | None = Field(
+        None,
+        description="group concurrent requests into one model call; unset: on when the model runs on a "
+        "GPU (where a batch costs little more than one clip), off on CPU (where a batch costs the sum of "
+        "its clips and the wait only adds latency: benchmarks/serve_load.py)",
+    )
     batch_window_ms: float = Field(
         3.0, ge=0, le=1000, description="how long a batch waits for more requests after its first"
     )

@@ -80,7 +80,9 @@ def test_health_ready_and_model_description(client, tiny_bundle):
     assert info["version"] == meta["version"] and info["streams"] == ["joint", "bone"]
     assert info["input"]["window"] == 64 and info["input"]["max_frames"] == 300
     assert info["runtime"]["kind"] == "fp32" and info["runtime"]["provider"] == "CPUExecutionProvider"
-    assert info["runtime"]["micro_batching"] is True
+    assert info["runtime"]["micro_batching"] is False  # unset: off on CPU
+    cores = os.cpu_count() or 1  # unset: one single-threaded model call per core
+    assert (info["runtime"]["workers"], info["runtime"]["threads"]) == (cores, 1)
     assert info["metrics"]["export"]["parity"]["top1_agreement"] == 1.0
     assert info["source"] == str(tiny_bundle.bundle_dir)
 
@@ -545,8 +547,9 @@ def test_inference_runs_off_the_event_loop(batching):
 
 
 @pytest.mark.parametrize("where", ["running", "gathering"])
-def test_stopping_fails_waiting_requests(where):
-    """Requests in a model call, gathering into a batch or queued get an error when the server stops."""
+def test_stopping_answers_running_and_fails_waiting_requests(where):
+    """When the server stops, the request in a model call gets its scores; those gathering into a
+    batch or queued get an error. None hangs."""
     release = threading.Event()
 
     def blocked(x):
@@ -567,8 +570,43 @@ def test_stopping_fails_waiting_requests(where):
 
     started = time.perf_counter()
     results = asyncio.run(scenario())
+    if where == "running":
+        assert results[0][0].tolist() == [[1.0]]
+        results = results[1:]
     assert all(isinstance(r, RuntimeError) and "shutting down" in str(r) for r in results), results
     assert time.perf_counter() - started < 2
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_workers_run_model_calls_at_once(batching):
+    """With 2 workers two requests are in the model together; a third waits for a free worker."""
+    inside, peak, lock = [0], [0], threading.Lock()
+    two_inside = threading.Event()
+
+    def run(x):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+            if inside[0] == 2:
+                two_inside.set()
+        two_inside.wait(5)  # each call waits until another one is running beside it
+        time.sleep(0.05)
+        with lock:
+            inside[0] -= 1
+        return x
+
+    async def scenario():
+        predictor = MicroBatcher(run, 0.0, 1, workers=2) if batching else Predictor(run, workers=2)
+        await predictor.start()
+        x = [np.full((1, 1), i, np.float32) for i in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*(predictor.predict(c) for c in x)), 5)
+        await predictor.stop()
+        return results
+
+    started = time.perf_counter()
+    results = asyncio.run(scenario())
+    assert [r[0].item() for r, _ in results] == [0.0, 1.0, 2.0]
+    assert peak[0] == 2 and time.perf_counter() - started < 3
 
 
 # ---- metrics, settings, model sources -----------------------------------------------------------
@@ -576,19 +614,21 @@ def test_stopping_fails_waiting_requests(where):
 
 def test_metrics_count_requests_latency_inference_and_batches(client, clip):
     unmatched = {"route": "unmatched", "method": "GET", "status": "404"}  # unknown paths share one label
-    before = metric_value(client.get("/metrics").text, "ntu_serve_requests_total", **unmatched)
+    route = {"route": "/v1/predict", "method": "POST"}
+    text = client.get("/metrics").text
+    before = metric_value(text, "ntu_serve_requests_total", **unmatched)
+    timed_before = metric_value(text, "ntu_serve_request_seconds_count", **route)
     client.post("/v1/predict", json={"clip": clip})
     client.post("/v1/predict", json={"clip": []})
     client.get("/no/such/path")
     client.post("/v1/predict", content=b"x" * 600_000, headers={"Content-Type": "application/json"})
     text = client.get("/metrics").text
     assert client.get("/metrics").headers["content-type"].startswith("text/plain")
-    route = {"route": "/v1/predict", "method": "POST"}
     assert metric_value(text, "ntu_serve_requests_total", **route, status="200") >= 1
     assert metric_value(text, "ntu_serve_requests_total", **route, status="422") >= 1
     assert metric_value(text, "ntu_serve_requests_total", **unmatched) == before + 1
-    assert metric_value(text, "ntu_serve_requests_total", status="413") >= 1
-    assert metric_value(text, "ntu_serve_request_seconds_count", **route) >= 3
+    assert metric_value(text, "ntu_serve_requests_total", status="413") >= 1  # refused before routing
+    assert metric_value(text, "ntu_serve_request_seconds_count", **route) == timed_before + 2
     assert metric_value(text, "ntu_serve_inference_seconds_count") >= 1
     assert metric_value(text, "ntu_serve_batch_clips_count") >= 1
     assert metric_value(text, "ntu_serve_model_ready") == 1.0
@@ -600,7 +640,8 @@ def test_settings_defaults_environment_and_errors(monkeypatch):
             monkeypatch.delenv(key)
     s = Settings()
     assert (s.host, s.port, s.top_k, s.stream_window, s.stream_stride) == ("127.0.0.1", 8000, 5, 90, 8)
-    assert (s.micro_batching, s.batch_window_ms, s.max_batch_size, s.runtime) == (True, 3.0, 32, "auto")
+    assert (s.micro_batching, s.batch_window_ms, s.max_batch_size, s.runtime) == (None, 3.0, 32, "auto")
+    assert (s.workers, s.threads) == (0, 0)  # resolved when the model loads: one worker per core on CPU
     assert str(s.bundle_dir) == "data/export/bundle" and s.api_key is None and s.model_uri is None
     monkeypatch.setenv("NTU_SERVE_TOP_K", "2")
     monkeypatch.setenv("NTU_SERVE_API_KEY", "hunter2")
