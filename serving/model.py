@@ -73,10 +73,14 @@ def find_bundle(root: Path) -> Path:
 
 def download(model_uri: str, dst: Path) -> Path:
     """Download ``model_uri`` (``models:/name@alias``, ``runs:/...``, a path...) with MLflow into ``dst``."""
+    import mlflow
     import mlflow.artifacts
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     registry = os.environ.get("MLFLOW_REGISTRY_URI", uri)
+    # models:/ URIs resolve against the process-wide URIs, not download_artifacts' arguments; the
+    # registry's defaults to the tracking one (setting it would also set MLFLOW_REGISTRY_URI for good)
+    mlflow.set_tracking_uri(uri)
     try:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri, registry_uri=registry

@@ -22,7 +22,12 @@ pytestmark = pytest.mark.slow
 
 def dvc(project: Path, *args: str) -> str:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",  # never the developer's store
+    }
+    env.pop("MLFLOW_PARENT_RUN_ID", None)
     result = subprocess.run(
         [str(bin_dir / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True
     )
@@ -53,7 +58,16 @@ def project(tmp_path_factory):
 
 def test_repro_builds_the_dataset_then_skips_everything(project):
     first = dvc(project, "repro")
-    stages = ("synthesize", "parse", "features", "train_gcn@joint", "train_gcn@bone", "evaluate", "export")
+    stages = (
+        "synthesize",
+        "parse",
+        "features",
+        "train_gcn@joint",
+        "train_gcn@bone",
+        "evaluate",
+        "export",
+        "package",
+    )
     for stage in stages:
         assert f"Running stage '{stage}'" in first
     parse_metrics = json.loads((project / "data/reports/parse.json").read_text())
@@ -77,3 +91,7 @@ def test_repro_builds_the_dataset_then_skips_everything(project):
     assert isinstance(exported["tensorrt"], dict) or exported["tensorrt"].startswith("skipped (")
     meta = bundle.verify(project / "data/export/bundle")
     assert meta["files"]["fp32"] == "model.onnx" and len(meta["labels"]) == 16
+    packaged = json.loads((project / "data/reports/package.json").read_text())
+    assert packaged["model_uri"] == "models:/ntu120-ctrgcn/1" and packaged["status"] == "champion"
+    assert packaged["top1"] == evaluation["centre_clip"]["fused"]["top1"]
+    assert packaged["bundle_version"] == meta["version"]
