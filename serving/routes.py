@@ -78,8 +78,8 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def json_body(request: Request, schema: type[Body]) -> Body:
-    """The request body as ``schema``: 415 unless it is JSON, 422 with the reason unless it fits."""
+async def json_bytes(request: Request) -> bytes:
+    """The request body: 415 unless it is JSON."""
     media = _media_type(request)
     if media != "application/json" and not media.endswith("+json"):
         raise ApiError(
@@ -87,7 +87,12 @@ async def json_body(request: Request, schema: type[Body]) -> Body:
             "unsupported_media_type",
             f"send JSON with Content-Type: application/json (got {media or 'none'})",
         )
-    body = await request.body()
+    return await request.body()
+
+
+def parse(schema: type[Body], body: bytes) -> Body:
+    """``body`` as ``schema``; 422 with the reason unless it fits. Called in a worker thread with the
+    clip's preparation: validating a clip of thousands of numbers would otherwise hold the event loop."""
     try:
         return schema.model_validate_json(body)
     except ValidationError as exc:
@@ -168,13 +173,18 @@ async def model_info(service: Service_, model: Model_) -> ModelInfo:
 
 @v1.post("/predict", response_model=PredictResponse, openapi_extra=_json_schema(PredictRequest))
 async def predict(request: Request, service: Service_) -> PredictResponse:
-    body = await json_body(request, PredictRequest)
-    clips, frames = await run_in_threadpool(service.prepare_clip, body.clip)  # ClipError -> 422
+    body = await json_bytes(request)
+    clips, frames = await run_in_threadpool(
+        lambda: service.prepare_clip(parse(PredictRequest, body).clip)  # ClipError -> 422
+    )
     (prediction,) = await service.predict([clips], [frames])
     return PredictResponse(model=service.ref, **prediction.model_dump())
 
 
 def _prepare_all(service: Service, clips: list) -> list:
+    limit = service.settings.max_batch
+    if len(clips) > limit:
+        raise ApiError(422, "too_many", f"{len(clips)} clips in one request; at most {limit}")
     out = []
     for clip in clips:
         try:
@@ -186,11 +196,8 @@ def _prepare_all(service: Service, clips: list) -> list:
 
 @v1.post("/predict/batch", response_model=BatchResponse, openapi_extra=_json_schema(BatchRequest))
 async def predict_batch(request: Request, service: Service_) -> BatchResponse:
-    body = await json_body(request, BatchRequest)
-    limit = service.settings.max_batch
-    if len(body.clips) > limit:
-        raise ApiError(422, "too_many", f"{len(body.clips)} clips in one request; at most {limit}")
-    prepared = await run_in_threadpool(_prepare_all, service, body.clips)
+    body = await json_bytes(request)
+    prepared = await run_in_threadpool(lambda: _prepare_all(service, parse(BatchRequest, body).clips))
     good = [p for p in prepared if not isinstance(p, RejectedInput)]  # (clips, frames) pairs
     predictions = iter(await service.predict([c for c, _ in good], [n for _, n in good]) if good else [])
     results = [
