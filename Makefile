@@ -8,7 +8,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lock lint bench clean-venv
+.PHONY: run test install lock lint bench clean-venv flow deploy deployment-run up down
+
+# The Prefect flow and the local stack (pipelines/): ports of `make up`, arguments of `make flow`.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+SERVE_PORT ?= 8000
+FLOW_ARGS ?=
 
 # dvc.yaml commands call `python`: put the venv first on PATH so they run in it.
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -20,6 +26,27 @@ test: $(STAMP)
 	python -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
+
+# The pipeline as the Prefect flow train-ntu120, no server needed, e.g.
+# make flow FLOW_ARGS="--streams joint --epochs 2 -S train.seed=3"
+flow: $(STAMP)
+	python -m pipelines.flow $(FLOW_ARGS)
+
+# Background: a Prefect server, the train-ntu120/local deployment, the MLflow UI and the model
+# service (pids and logs in .run/); `make down` stops them.
+up: $(STAMP)
+	python -m pipelines.services up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT) --serve-port $(SERVE_PORT)
+
+down:
+	python -m pipelines.services down
+
+# Foreground alternatives to `make up` against a running `prefect server start`.
+deploy deployment-run: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+deploy: $(STAMP)
+	python -m pipelines.deploy
+
+deployment-run: $(STAMP)
+	prefect deployment run train-ntu120/local --watch
 
 # Re-install when the lock file or the compiled parser changes.
 $(STAMP): requirements.lock setup.py pyproject.toml stages/_skeleton_parser.c

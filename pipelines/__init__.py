@@ -1,0 +1,1 @@
+"""Prefect orchestration of the DVC pipeline: the flow ``train-ntu120`` and its ``local`` deployment."""
