@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 if load.errors:
                     failed = True
                     print(f"  first error: {load.first_error}", file=sys.stderr)
-            if args.fps > 0 and mode == args.batching.split(",")[-1]:
+            if args.fps > 0 and mode == args.batching.split(",")[0]:  # the first: off, the CPU default
                 settings = get_json(base + "/v1/model")["runtime"]
                 frames = stream_frames(clip, args.stream_frames)
                 server_ms, client_ms, errors = asyncio.run(stream(port, frames, args.fps))
