@@ -66,6 +66,7 @@ bench: $(STAMP)
 	python -m benchmarks.loader_throughput
 	python -m benchmarks.gcn_throughput --rounds 3
 	python -m benchmarks.inference_latency --rounds 5
+	python -m benchmarks.serve_load
 
 # Re-resolve requirements.in into requirements.lock in a throw-away venv.
 lock:
