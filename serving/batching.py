@@ -12,7 +12,8 @@ with the first waiting request and takes every request arriving within ``window_
 batch holds at most ``max_clips`` clips (a request larger than that runs alone), then runs as one model
 call while the next batch gathers. While every worker is busy the queue grows, so the next batch takes
 what arrived meanwhile. A failed call fails each request of its batch with the same error; a request
-whose client went away is dropped from its batch; stopping fails whatever still waits. No request hangs.
+whose client went away is dropped from its batch; stopping lets the calls in progress answer and fails
+whatever still waits. No request hangs.
 """
 
 from __future__ import annotations
