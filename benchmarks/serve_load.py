@@ -201,7 +201,7 @@ def default_clip(raw_dir: Path) -> Path:
     raise SystemExit(f"no test-split .skeleton file under {raw_dir}")
 
 
-def load_clip(path: Path, limits) -> np.ndarray:
+def load_clip(path: Path) -> np.ndarray:
     """A ``.skeleton`` file -> the client's ``(M, T, 25, 3)`` clip (empty second actor dropped)."""
     from stages import preprocess
 
@@ -262,10 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-frames", type=int, default=410, help="frames streamed (window 90 + 40 strides)")
     ap.add_argument("--log", type=Path, default=Path("/tmp/serve_load.log"))
     args = ap.parse_args(argv)
-    from stages import preprocess
 
     clip_path = args.clip or default_clip(args.raw_dir)
-    clip = load_clip(clip_path, preprocess.ClipLimits())
+    clip = load_clip(clip_path)
     body = json.dumps({"clip": clip.tolist()}).encode()
     env = {"NTU_SERVE_WORKERS": str(args.workers), "NTU_SERVE_THREADS": str(args.threads)}
     call_ms, prep_ms, runtime = raw_ort_ms(args.bundle, clip, env, runs=200)
