@@ -141,6 +141,22 @@ def _denoise(raw: RawSkeleton, bodies: list[_Body]) -> tuple[list[_Body], int, i
     return sorted(kept, key=lambda b: b.motion, reverse=True), by_length, by_spread
 
 
+def real_bodies(raw: RawSkeleton) -> list[np.ndarray]:
+    """Record indices (into ``raw``'s arrays) of every body the length and spread rules keep.
+
+    The people actually in the scene, for labelling video frames: unlike :func:`select_actors` it
+    keeps every such body (not only two actors) and leaves the frames where they are. Raises
+    :class:`DenoiseError` when nothing is kept.
+    """
+    if raw.body_ids.size == 0:
+        raise DenoiseError("no_body", f"no body in any of the {raw.declared_frames} frames")
+    bodies, _ = _group_bodies(raw)
+    if len(bodies) == 1:
+        return [bodies[0].records]
+    kept, _, _ = _denoise(raw, bodies)
+    return [b.records for b in sorted(kept, key=lambda b: b.start)]
+
+
 def _place(out: np.ndarray, raw_values: np.ndarray, body: _Body, actor: int) -> None:
     # out: T, 25, 7, M; the reference writes a body's frames contiguously from its first frame.
     out[body.start : body.end + 1, :, :, actor] = raw_values[body.records]

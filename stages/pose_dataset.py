@@ -1,0 +1,240 @@
+"""The pose store (``pose.zarr`` from :mod:`stages.pose_data`) as training batches, with augmentation.
+
+Person crops carry 2D joints in crop pixels, root-relative 3D joints (m) and Kinect tracking states;
+detector frames carry up to two person boxes. A split is the ``train`` or ``test`` half of a
+benchmark (``ntu120_xsub``: held-out performers), chosen through ``videos.parquet``.
+
+Augmentation (training only) keeps 2D and 3D labels consistent: one affine per crop (scale,
+in-plane rotation, optional horizontal flip) moves the 2D joints; the 3D joints turn by the same
+rotation about the camera axis, and a flip negates ``x``; both swap left and right joints
+(:data:`models.skeleton.FLIP_INDEX`). Colour jitter and blur change pixels only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import zarr
+from torch.utils.data import Dataset
+
+from models.skeleton import FLIP_INDEX
+from stages.pose_data import STORE_LAYOUT
+from stages.store import ContractError
+
+FLIP = np.asarray(FLIP_INDEX)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """``train_pose.augment`` in params.yaml."""
+
+    scale: float = 0.2  # crop scale factor drawn from [1 - scale, 1 + scale]
+    rotation: float = 20.0  # in-plane rotation, degrees, drawn from [-rotation, rotation]
+    flip: float = 0.5  # probability of a horizontal flip (with left/right joint swap)
+    brightness: float = 0.3  # multiplicative, per channel gain drawn from [1 - b, 1 + b]
+    contrast: float = 0.3
+    blur: float = 0.2  # probability of a Gaussian blur (sigma 0.5-1.5 px)
+    shift: float = 0.08  # crop centre shift, fraction of the side (detector boxes are not exact)
+
+
+@dataclass
+class PoseSplit:
+    """One split held in memory: crops and their labels, detector frames and their boxes."""
+
+    crops: np.ndarray  # uint8 (N, S, S, 3) BGR
+    joints2d: np.ndarray  # float32 (N, 25, 2) crop pixels
+    joints3d: np.ndarray  # float32 (N, 25, 3) m, root-relative
+    visible: np.ndarray  # float32 (N, 25) 1 tracked, 0.5 inferred, 0 not tracked or outside the frame
+    crop_box: np.ndarray  # float32 (N, 3) cx, cy, side in video pixels
+    crop_video: np.ndarray  # int32 (N,) row of videos.parquet
+    frames: np.ndarray  # uint8 (F, Hf, Wf, 3)
+    frame_boxes: np.ndarray  # float32 (F, 2, 4) x0 y0 x1 y1 in frame pixels; zeros = no person
+    video_scale: np.ndarray  # float32 (N,) video pixels per 1920x1080 colour-frame pixel, per crop
+
+
+def open_pose_store(pose_dir: Path) -> tuple[zarr.Group, list[dict]]:
+    """The store and its video table; raises :class:`ContractError` when it is not a pose store."""
+    path = Path(pose_dir) / "pose.zarr"
+    if not path.exists():
+        raise ContractError(f"{path}: pose store not found (run the pose_data stage first)")
+    group = zarr.open_group(str(path), mode="r")
+    if group.attrs.get("layout") != STORE_LAYOUT:
+        raise ContractError(f"{path}: layout {group.attrs.get('layout')!r}, expected {STORE_LAYOUT!r}")
+    return group, pq.read_table(Path(pose_dir) / "videos.parquet").to_pylist()
+
+
+def load_split(pose_dir: Path, benchmark: str, split: str, max_crops: int = 0, seed: int = 0) -> PoseSplit:
+    """The crops and frames of the videos in ``split`` of ``benchmark``.
+
+    ``max_crops`` > 0 keeps a seeded random subset of the crops.
+    """
+    group, videos = open_pose_store(pose_dir)
+    members = np.array([v["index"] for v in videos if v["status"] == "ok" and v.get(benchmark) == split])
+    if benchmark not in videos[0]:
+        raise ContractError(f"{pose_dir}/videos.parquet has no {benchmark!r} column")
+    crop_video = group["crop_video"][:]
+    rows = np.flatnonzero(np.isin(crop_video, members))
+    if max_crops and len(rows) > max_crops:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_crops, replace=False))
+    frame_rows = (
+        np.flatnonzero(np.isin(group["frame_video"][:], members)) if "frame_video" in group else rows[:0]
+    )
+    tracking = take_rows(group["tracking"], rows)
+    widths = np.array([v.get("width") or 1920 for v in videos], np.float32)
+    return PoseSplit(
+        crops=take_rows(group["crops"], rows),
+        joints2d=take_rows(group["joints2d"], rows),
+        joints3d=take_rows(group["joints3d"], rows),
+        visible=np.select([tracking == 2, tracking == 1], [1.0, 0.5], 0.0).astype(np.float32),
+        crop_box=take_rows(group["crop_box"], rows),
+        crop_video=crop_video[rows],
+        frames=take_rows(group["frames"], frame_rows)
+        if "frames" in group
+        else np.zeros((0, 32, 32, 3), np.uint8),
+        frame_boxes=take_rows(group["frame_boxes"], frame_rows)
+        if "frames" in group
+        else np.zeros((0, 2, 4), np.float32),
+        video_scale=widths[crop_video[rows]] / 1920.0,
+    )
+
+
+def take_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` for sorted ``rows``, read one shard at a time (bounded memory, each shard once)."""
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    step = (array.shards or array.chunks)[0]
+    done = 0
+    for start in range(0, array.shape[0], step):
+        inside = rows[(rows >= start) & (rows < start + step)]
+        if len(inside):
+            block = array[start : min(start + step, array.shape[0])]
+            out[done : done + len(inside)] = block[inside - start]
+            done += len(inside)
+    return out
+
+
+def crop_affine(
+    size: int, scale: float, degrees: float, flip: bool, shift: tuple[float, float]
+) -> np.ndarray:
+    """2x3 affine on crop pixels: zoom ``scale`` and rotate ``degrees`` (counter-clockwise on screen)
+    about the centre moved by ``shift`` (pixels), then mirror when ``flip``."""
+    c = (size - 1) / 2.0
+    a = math.radians(degrees)
+    rot = scale * np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    centre = np.array([c + shift[0], c + shift[1]])
+    matrix = np.concatenate([rot, (np.array([c, c]) - rot @ centre)[:, None]], axis=1)
+    if flip:
+        matrix = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([matrix, [0, 0, 1]])
+    return matrix
+
+
+def rotate_3d(xyz: np.ndarray, degrees: float, flip: bool) -> np.ndarray:
+    """The 3D counterpart of :func:`crop_affine` for camera-space ``xyz (..., 3)`` (x with u, y up)."""
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+    # Image (u, v) with v down is (x, -y): a screen rotation by +a is (x, y) -> (c x - s y, s x + c y).
+    x = c * xyz[..., 0] - s * xyz[..., 1]
+    y = s * xyz[..., 0] + c * xyz[..., 1]
+    out = np.stack([x, y, xyz[..., 2]], axis=-1)
+    if flip:
+        out[..., 0] = -out[..., 0]
+    return out
+
+
+def augment_crop(
+    image: np.ndarray,
+    uv: np.ndarray,
+    xyz: np.ndarray,
+    visible: np.ndarray,
+    rng: np.random.Generator,
+    aug: AugmentParams,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One random augmentation of a crop ``(S, S, 3)`` and its labels (2D crop px, 3D m, visibility)."""
+    size = image.shape[0]
+    scale = float(rng.uniform(1 - aug.scale, 1 + aug.scale))
+    degrees = float(rng.uniform(-aug.rotation, aug.rotation))
+    flip = bool(rng.random() < aug.flip)
+    shift = tuple(rng.uniform(-aug.shift, aug.shift, 2) * size)
+    matrix = crop_affine(size, scale, degrees, flip, shift)
+    image = cv2.warpAffine(
+        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+    )
+    uv = uv @ matrix[:, :2].T + matrix[:, 2]
+    xyz = rotate_3d(xyz, degrees, flip)
+    if flip:
+        uv, xyz, visible = uv[FLIP], xyz[FLIP], visible[FLIP]
+    inside = (uv >= 0).all(1) & (uv <= size - 1).all(1)
+    return colour_jitter(image, rng, aug), uv, xyz, np.where(inside, visible, 0.0)
+
+
+def colour_jitter(image: np.ndarray, rng: np.random.Generator, aug: AugmentParams) -> np.ndarray:
+    """Per-channel gain, contrast about the mean, and an occasional Gaussian blur (uint8 in and out)."""
+    x = image.astype(np.float32)
+    gain = rng.uniform(1 - aug.brightness, 1 + aug.brightness, 3).astype(np.float32)
+    contrast = np.float32(rng.uniform(1 - aug.contrast, 1 + aug.contrast))
+    mean = x.mean()
+    x = (x - mean) * contrast + mean
+    x *= gain
+    if rng.random() < aug.blur:
+        x = cv2.GaussianBlur(x, (0, 0), float(rng.uniform(0.5, 1.5)))
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def flip_frame(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror a detector frame and its boxes ``(2, 4)`` (all-zero rows stay zero)."""
+    w = image.shape[1]
+    present = boxes.any(axis=1)
+    out = boxes.copy()
+    out[present, 0], out[present, 2] = w - 1 - boxes[present, 2], w - 1 - boxes[present, 0]
+    return image[:, ::-1].copy(), out
+
+
+class CropDataset(Dataset):
+    """``(image uint8 (S, S, 3) BGR, joints2d (25, 2), joints3d (25, 3), visible (25,))`` tensors
+    (images as OpenCV holds them; :func:`models.pose.normalise_images` makes the network's input)."""
+
+    def __init__(self, split: PoseSplit, aug: AugmentParams | None, seed: int = 0):
+        self.split, self.aug, self.seed, self.epoch = split, aug, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.split.crops)
+
+    def __getitem__(self, i: int):
+        s = self.split
+        image, uv, xyz, vis = s.crops[i], s.joints2d[i], s.joints3d[i], s.visible[i]
+        if self.aug is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            image, uv, xyz, vis = augment_crop(image, uv, xyz, vis, rng, self.aug)
+        return (
+            torch.from_numpy(np.ascontiguousarray(image)),
+            torch.from_numpy(np.asarray(uv, np.float32)),
+            torch.from_numpy(np.asarray(xyz, np.float32)),
+            torch.from_numpy(np.asarray(vis, np.float32)),
+        )
+
+
+class FrameDataset(Dataset):
+    """``(image uint8 (Hf, Wf, 3) BGR, boxes (2, 4) x0 y0 x1 y1)`` tensors; training flips and jitters."""
+
+    def __init__(self, split: PoseSplit, aug: AugmentParams | None, seed: int = 0):
+        self.split, self.aug, self.seed, self.epoch = split, aug, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.split.frames)
+
+    def __getitem__(self, i: int):
+        image, boxes = self.split.frames[i], self.split.frame_boxes[i]
+        if self.aug is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, i, 1))
+            if rng.random() < self.aug.flip:
+                image, boxes = flip_frame(image, boxes)
+            image = colour_jitter(image, rng, self.aug)
+        return (
+            torch.from_numpy(np.ascontiguousarray(image)),
+            torch.from_numpy(np.asarray(boxes, np.float32)),
+        )

@@ -1,0 +1,192 @@
+"""The pose_data stage (video + .skeleton pairs -> crops and targets) and the train_pose stage on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+from models.pose_geometry import Camera, solve_translation
+from models.skeleton import SPINE_MIDDLE
+from stages import pose_data, train_pose
+from stages import render as render_stage
+from stages.pose_dataset import AugmentParams, CropDataset, load_split
+from stages.skeleton_text import parse_skeleton
+from stages.synthesize import SynthesizeParams
+from stages.synthesize import run as synthesize
+from stages.training import Recipe, load_checkpoint
+
+TINY = SynthesizeParams(
+    seed=7,
+    classes=(8, 50),
+    num_subjects=2,
+    num_setups=1,
+    num_sessions=2,
+    workers=1,
+    unusable_rate=0.0,
+    short_noise_rate=0.5,
+)
+RENDER = render_stage.RenderParams(width=320, videos_per_class=4, workers=1)
+PARAMS = pose_data.PoseDataParams(
+    frame_stride=6,
+    crop_size=64,
+    frame_width=160,
+    frame_every=2,
+    workers=1,
+    shard_samples=64,
+    chunk_samples=32,
+)
+
+
+@pytest.fixture(scope="module")
+def pose_pairs(tmp_path_factory):
+    """TINY's corpus, 8 rendered videos (2 classes x 4) and the pose_data stage run on them."""
+    root = tmp_path_factory.mktemp("pose")
+    synthesize(TINY, out_dir=root / "raw")
+    render_stage.run(RENDER, TINY, raw_dir=root / "raw", out_dir=root / "rgb")
+    summary = pose_data.run(PARAMS, video_dir=root / "rgb", skeleton_dir=root / "raw", out_dir=root / "pose")
+    return root, summary
+
+
+def test_crops_carry_the_file_labels_mapped_into_the_crop(pose_pairs):
+    root, summary = pose_pairs
+    assert summary["videos_ok"] == summary["videos"] == 8 and summary["crops"] > 0
+    group = zarr.open_group(str(root / "pose" / "pose.zarr"), mode="r")
+    videos = pq.read_table(root / "pose" / "videos.parquet").to_pylist()
+    assert group["crops"].shape[1:] == (64, 64, 3)
+    i = group["crops"].shape[0] // 2
+    video = videos[group["crop_video"][i]]
+    frame = int(group["crop_frame"][i])
+    raw = parse_skeleton((root / "raw" / f"{video['name']}.skeleton").read_bytes())
+    records = np.flatnonzero(raw.frame_index == frame)
+    scale = RENDER.width / 1920
+    cx, cy, side = group["crop_box"][i]
+    k = 64 / side
+    expected = [(raw.colors[r] * scale - [cx - side / 2, cy - side / 2]) * k for r in records]
+    uv = group["joints2d"][i]
+    assert min(np.abs(uv - e).max() for e in expected) < 1e-3  # one of the frame's people, exactly
+    r = records[int(np.argmin([np.abs(uv - e).max() for e in expected]))]
+    np.testing.assert_allclose(group["joints3d"][i], raw.joints[r] - raw.joints[r][SPINE_MIDDLE], atol=1e-6)
+    # the crop shows the person: the labelled joints sit on pixels unlike the crop's border
+    crop = group["crops"][i].astype(float)
+    inside = (uv >= 0).all(1) & (uv < 63).all(1)
+    at_joints = crop[np.round(uv[inside, 1]).astype(int), np.round(uv[inside, 0]).astype(int)]
+    assert np.abs(at_joints - crop[0, 0]).sum(1).mean() > 20
+    assert video["ntu120_xsub"] in ("train", "test")
+
+
+def test_crop_labels_lift_back_to_camera_space(pose_pairs):
+    """The stored 2D (crop) and 3D (root-relative) labels are consistent with the colour camera."""
+    root, _ = pose_pairs
+    group = zarr.open_group(str(root / "pose" / "pose.zarr"), mode="r")
+    i = 0
+    cx, cy, side = group["crop_box"][i]
+    uv_video = group["joints2d"][i] * side / 64 + [cx - side / 2, cy - side / 2]
+    camera = Camera().scaled(320, 180)
+    t = solve_translation(group["joints3d"][i].astype(float), uv_video, np.ones(25), camera)
+    np.testing.assert_allclose(camera.project(group["joints3d"][i] + t), uv_video, atol=0.05)
+    assert 1.0 < t[2] < 8.0
+
+
+def test_ghost_bodies_are_not_labelled(pose_pairs):
+    """Short noise bodies (<= 11 frames; half of TINY's files have them) give no crops or boxes."""
+    root, _ = pose_pairs
+    group = zarr.open_group(str(root / "pose" / "pose.zarr"), mode="r")
+    videos = pq.read_table(root / "pose" / "videos.parquet").to_pylist()
+    corpus = json.loads((root / "raw" / "corpus.json").read_text())
+    faults = {s["name"]: s["faults"] for s in corpus["samples"]}
+    per_frame = {}
+    for v, f in zip(group["crop_video"][:], group["crop_frame"][:], strict=True):
+        per_frame[(int(v), int(f))] = per_frame.get((int(v), int(f)), 0) + 1
+    for (v, _), count in per_frame.items():
+        name = videos[v]["name"]
+        assert count <= (2 if name.endswith("A050") else 1), (name, faults[name])
+
+
+def test_bad_pairs_are_rejected_with_reasons_and_the_rest_kept(pose_pairs, tmp_path):
+    root, _ = pose_pairs
+    videos = tmp_path / "videos"
+    shutil.copytree(root / "rgb", videos)
+    good = sorted(videos.glob("*_rgb.avi"))
+    (videos / "S001C001P099R001A008_rgb.avi").write_bytes(b"not a video at all")  # no skeleton, garbage
+    broken = good[0].name.replace("_rgb.avi", "")
+    (tmp_path / "raw").mkdir()
+    for p in (root / "raw").glob("*.skeleton"):
+        shutil.copy(p, tmp_path / "raw" / p.name)
+    (tmp_path / "raw" / "S001C001P099R001A008.skeleton").write_bytes(b"3\r\n")
+    (tmp_path / "raw" / f"{broken}.skeleton").write_bytes(b"garbage\r\n")
+    (videos / "S001C002P098R001A008_rgb.avi").write_bytes(good[1].read_bytes())  # no .skeleton at all
+    summary = pose_data.run(PARAMS, video_dir=videos, skeleton_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    rejected = summary["rejected"]
+    assert set(rejected) == {broken, "S001C001P099R001A008", "S001C002P098R001A008"}
+    assert "no_skeleton" in rejected["S001C002P098R001A008"]
+    assert summary["videos_ok"] == len(good) - 1
+
+
+def test_params_are_checked():
+    with pytest.raises(Exception, match="crop_size"):
+        dataclasses.replace(PARAMS, crop_size=100).validate()
+    with pytest.raises(Exception, match="frame_every"):
+        dataclasses.replace(PARAMS, frame_every=0).validate()
+
+
+def test_augmented_crops_keep_labels_on_the_body(pose_pairs):
+    root, _ = pose_pairs
+    split = load_split(root / "pose", "ntu120_xsub", "train")
+    dataset = CropDataset(split, AugmentParams(), seed=3)
+    image, uv, xyz, vis = dataset[0]
+    assert image.shape == (64, 64, 3) and image.dtype == torch.uint8
+    assert uv.shape == (25, 2) and xyz.shape == (25, 3) and vis.shape == (25,)
+    assert torch.all(xyz[SPINE_MIDDLE] == 0)
+    # bone lengths are preserved by the 3D rotation / flip
+    bone = np.linalg.norm(split.joints3d[0, 3] - split.joints3d[0, 2])
+    np.testing.assert_allclose(np.linalg.norm(xyz[3] - xyz[2]), bone, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_pose_runs_reports_and_resumes_exactly(pose_pairs, tmp_path, monkeypatch):
+    root, _ = pose_pairs
+    torch.set_num_threads(1)
+    params = train_pose.TrainPoseParams(
+        recipe=Recipe(
+            optimizer="adamw", lr=0.003, weight_decay=0.0, batch_size=8, epochs=2, warmup_epochs=0.0
+        ),
+        frame_batch_size=2,
+        max_train_crops=48,
+        max_test_crops=24,
+        workers=0,
+        seed=0,
+        flip_test=True,
+    )
+    out, reports = tmp_path / "model", tmp_path / "reports"
+    metrics = train_pose.run(params, pose_dir=root / "pose", out_dir=out, reports_dir=reports)
+    assert set(metrics) >= {"pck@0.2", "pck@0.5", "px_error", "mpjpe_mm", "det_recall", "det_precision"}
+    assert 0.0 <= metrics["pck@0.2"] <= metrics["pck@0.5"] <= 1.0 and metrics["mpjpe_mm"] > 0
+    assert json.loads((reports / "metrics.json").read_text())["epochs"] == 2
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["kind"] == "pose_estimator" and ckpt["epoch"] == 2
+    assert train_pose.load_estimator(out / "last.pt").cfg.input_size == (64, 64)
+
+    # killed after epoch 1 (history written after the checkpoint), then resumed
+    other = tmp_path / "other"
+    calls = []
+
+    def kill_once(path, history):
+        calls.append(len(history))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_pose, "_write_history", kill_once)
+    with pytest.raises(KeyboardInterrupt):
+        train_pose.run(params, pose_dir=root / "pose", out_dir=other, reports_dir=tmp_path / "r2")
+    assert load_checkpoint(other / "last.pt")["epoch"] == 1
+    train_pose.run(params, pose_dir=root / "pose", out_dir=other, reports_dir=tmp_path / "r2", resume=True)
+    resumed = load_checkpoint(other / "last.pt")["model"]
+    for key, value in ckpt["model"].items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
