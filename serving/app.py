@@ -2,7 +2,9 @@
 
 The model is loaded in the lifespan (:class:`serving.service.Service`) from the checksummed bundle
 (``NTU_SERVE_BUNDLE_DIR``) or the MLflow registry (``NTU_SERVE_MODEL_URI``); when that fails the app
-still starts, /health answers and /ready and /v1/* answer 503 with the reason. Endpoints:
+still starts, /health answers and /ready and /v1/* answer 503 with the reason. The pose estimator
+for ``/v1/predict/video`` (``NTU_SERVE_POSE_DIR``, the export_pose stage's output) is loaded beside it;
+without it only that endpoint answers 503. Endpoints:
 :mod:`serving.routes` (HTTP) and :mod:`serving.stream` (the WebSocket protocol); settings:
 :mod:`serving.settings`; every error is ``{"detail": "...", "code": "..."}`` (:mod:`serving.errors`).
 """
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 BodyLimitMiddleware,
                 max_body_bytes=settings.max_body_bytes,
                 max_upload_bytes=settings.max_upload_bytes,
+                max_video_bytes=settings.max_video_bytes,
             ),
         ],
     )

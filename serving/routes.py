@@ -13,6 +13,11 @@ otherwise), ``GET /metrics`` (Prometheus).
   request itself succeeds; a bad clip does not cost the good ones their answer);
 - ``POST /v1/predict/file``: a raw NTU ``.skeleton`` file as the multipart field ``file``, parsed and
   denoised by the parse stage's code; a malformed file gets the parser's reason.
+- ``POST /v1/predict/video``: an ``.avi`` / ``.mp4`` video as the multipart field ``file``: the pose
+  estimator finds and tracks up to two people (:mod:`serving.video`), and the action model names their
+  action per window of ``video_window`` frames; ``skeletons=true`` (query or form field) adds the
+  tracked skeletons. 503 ``no_pose_model`` while no pose export is loaded (the other routes still
+  work); an unreadable video, a video too short or too long, or one with nobody in it get 422.
 
 JSON bodies must be sent as ``application/json`` (415 otherwise); ``NaN``/``Infinity`` literals are
 read, and refused as ``not_finite`` with the place of the first one.
@@ -20,8 +25,11 @@ read, and refused as ``not_finite`` with the place of the first one.
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, TypeVar
 
+import anyio.to_thread
+import numpy as np
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import PlainTextResponse
 from fastapi.security import APIKeyHeader
@@ -32,6 +40,7 @@ from starlette.datastructures import UploadFile
 
 from stages.errors import RejectedInput
 
+from . import video
 from .errors import ApiError
 from .model import LoadedModel
 from .schemas import (
@@ -41,9 +50,14 @@ from .schemas import (
     ErrorBody,
     Health,
     ModelInfo,
+    PoseRef,
     PredictRequest,
     PredictResponse,
     Ready,
+    VideoResponse,
+    VideoSkeletons,
+    VideoTiming,
+    VideoWindow,
     describe_errors,
 )
 from .service import Service, key_matches
@@ -121,6 +135,23 @@ _UPLOAD = {
         },
     }
 }
+_VIDEO_UPLOAD = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "an .avi or .mp4"},
+                        "skeletons": {"type": "boolean", "description": "include the skeletons"},
+                    },
+                    "required": ["file"],
+                }
+            }
+        },
+    }
+}
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 413, 415, 422, 503)}
 
 router = APIRouter()
@@ -166,6 +197,7 @@ async def model_info(service: Service_, model: Model_) -> ModelInfo:
             **model.runtime,
             "micro_batching": service.micro_batching,
             "max_batch_size": s.max_batch_size,
+            "video": service.pose.describe() if service.pose else {"unavailable": service.pose_reason},
         },
         source=model.source,
     )
@@ -223,3 +255,73 @@ async def predict_file(request: Request, service: Service_) -> PredictResponse:
     clips, frames = await run_in_threadpool(service.prepare_file, data)  # RejectedInput -> 422
     (prediction,) = await service.predict([clips], [frames])
     return PredictResponse(model=service.ref, **prediction.model_dump())
+
+
+def _flag(value) -> bool:
+    return isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _skeletons(skeleton: video.VideoSkeleton) -> VideoSkeletons:
+    return VideoSkeletons(
+        joints=np.round(skeleton.joints, 5).tolist(),
+        joints2d=np.round(skeleton.joints2d, 2).tolist(),
+        confidence=np.round(skeleton.confidence, 4).tolist(),
+        boxes=np.round(skeleton.boxes, 2).tolist(),
+        scores=np.round(skeleton.scores, 4).tolist(),
+    )
+
+
+@v1.post("/predict/video", response_model=VideoResponse, openapi_extra=_VIDEO_UPLOAD)
+async def predict_video(
+    request: Request, service: Service_, model: Model_, skeletons: bool = False
+) -> VideoResponse:
+    pose = service.require_pose()  # 503 no_pose_model without the pose export
+    if _media_type(request) != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", "upload the video as multipart/form-data, field 'file'")
+    options = video.VideoOptions.from_settings(service.settings)
+    received = time.perf_counter()
+    async with request.form(max_files=1, max_fields=4) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(
+                422, "missing_file", "no file in the multipart field 'file' (an .avi or .mp4 video)"
+            )
+        skeletons = skeletons or _flag(form.get("skeletons"))
+        if video.upload_suffix(upload.filename, upload.content_type) is None:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"upload an .avi or .mp4 video (got {upload.filename!r}, {upload.content_type or 'no type'})",
+            )
+        started = time.perf_counter()  # the upload is in (a temporary file)
+        info, skeleton = await anyio.to_thread.run_sync(  # VideoError -> 422
+            video.skeleton_from_upload, upload.file, pose, options, limiter=service.video_limiter
+        )
+    pose_ms = (time.perf_counter() - started) * 1000
+    spans, prepared, counts = await run_in_threadpool(
+        video.window_clips, skeleton.joints, model, options.window, options.stride
+    )
+    predictions = await service.predict(prepared, counts)
+    actions_ms = (time.perf_counter() - started) * 1000 - pose_ms
+    total_ms = (time.perf_counter() - received) * 1000
+    return VideoResponse(
+        model=service.ref,
+        pose_model=PoseRef(version=pose.version, provider=pose.provider),
+        frames=skeleton.frames,
+        fps=round(info.fps, 3),
+        width=info.width,
+        height=info.height,
+        people=skeleton.people,
+        frames_with_people=skeleton.frames_with_people,
+        windows=[
+            VideoWindow(start=start, end=end, prediction=p)
+            for (start, end), p in zip(spans, predictions, strict=True)
+        ],
+        timing=VideoTiming(
+            pose_ms=round(pose_ms, 1),
+            actions_ms=round(actions_ms, 1),
+            total_ms=round(total_ms, 1),
+            pose_frames_per_s=round(skeleton.frames / max(pose_ms / 1000, 1e-9), 2),
+        ),
+        skeletons=_skeletons(skeleton) if skeletons else None,
+    )

@@ -135,6 +135,48 @@ class BatchResponse(BaseModel):
     results: list[BatchItem] = Field(description="one per clip, in order: a prediction or an error")
 
 
+class VideoWindow(BaseModel):
+    start: int = Field(description="first frame of the window")
+    end: int = Field(description="one past its last frame")
+    prediction: Prediction = Field(description="as /v1/predict answers; frames: those with people")
+
+
+class PoseRef(BaseModel):
+    version: str = Field(description="the pose export's version (a hash of its graphs)")
+    provider: str = Field(description="the ONNX Runtime provider it runs on")
+
+
+class VideoTiming(BaseModel):
+    pose_ms: float = Field(description="decoding, detection, keypoints, lifting and tracking")
+    actions_ms: float = Field(description="the action model on every window, preparation included")
+    total_ms: float = Field(description="from the request's start, the upload's reception included")
+    pose_frames_per_s: float
+
+
+class VideoSkeletons(BaseModel):
+    """The tracked people, frame by frame; zeros where a slot is empty."""
+
+    joints: list = Field(description="(3, T, 25, 2): x, y, z in metres, camera space (the pipeline layout)")
+    joints2d: list = Field(description="(T, 2, 25, 2): x, y in video pixels")
+    confidence: list = Field(description="(T, 2, 25): keypoint confidence in [0, 1]")
+    boxes: list = Field(description="(T, 2, 4): person box x0, y0, x1, y1 in video pixels")
+    scores: list = Field(description="(T, 2): detection score")
+
+
+class VideoResponse(BaseModel):
+    model: ModelRef
+    pose_model: PoseRef
+    frames: int = Field(description="frames decoded")
+    fps: float = Field(description="the container's frame rate (0 when it does not say)")
+    width: int
+    height: int
+    people: int = Field(description="people tracked (slots filled in at least one frame), at most 2")
+    frames_with_people: int
+    windows: list[VideoWindow] = Field(description="the windows with people, in order")
+    timing: VideoTiming
+    skeletons: VideoSkeletons | None = Field(None, description="with skeletons=true only")
+
+
 class ClassInfo(BaseModel):
     index: int
     id: int

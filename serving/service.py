@@ -1,4 +1,5 @@
-"""The served state of one app: the model (or why there is none), its predictor, the clip path.
+"""The served state of one app: the model (or why there is none), its predictor, the clip path, and
+the pose estimator of the video path (or why there is none).
 
 Every input goes through :mod:`stages.preprocess`, the pipeline's own validation, normalisation and
 test-time sampling, and the scores of a sample's clips are combined as the evaluate stage combines
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 
+import anyio
 import numpy as np
 import torch
 from pydantic import SecretStr
@@ -23,6 +25,7 @@ from .batching import Batch, MicroBatcher, Predictor
 from .errors import ApiError
 from .metrics import Metrics
 from .model import LoadedModel
+from .pose_runtime import PoseRuntime
 from .schemas import ClassScore, ModelRef, Prediction
 from .settings import Settings
 
@@ -46,9 +49,13 @@ class Service:
         self.reason = "the model is still loading"
         self.predictor: Predictor | None = None
         self.micro_batching = False  # decided when the model is loaded (settings, else its device)
+        self.pose: PoseRuntime | None = None  # the video endpoint's pose estimator (optional)
+        self.pose_reason = "the pose model is still loading"
+        self.video_limiter: anyio.CapacityLimiter | None = None
 
     async def start(self) -> None:
-        """Load the model; on failure keep serving /health and answer 503 with the reason."""
+        """Load the models; on failure keep serving /health and answer 503 with the reason."""
+        await self._start_pose()
         try:
             self.model = await run_in_threadpool(model_loader.load, self.settings)
         except Exception as exc:  # a missing, tampered or unloadable bundle must not stop the server
@@ -75,7 +82,25 @@ class Service:
             "serving: %s %s (%s)", self.model.meta["name"], self.model.meta["version"], self.model.runtime
         )
 
+    async def _start_pose(self) -> None:
+        """Load the pose export for the video endpoint; without it only that endpoint answers 503."""
+        # one video at a time: the pose graphs already use every core (or the GPU) per call
+        self.video_limiter = anyio.CapacityLimiter(1)
+        try:
+            self.pose = await run_in_threadpool(
+                PoseRuntime.load, self.settings.pose_dir, self.settings.threads
+            )
+        except Exception as exc:  # missing or altered export: the skeleton endpoints still work
+            self.pose_reason = (
+                f"no pose model loaded, so videos cannot be analysed: {exc} "
+                f"(set NTU_SERVE_POSE_DIR to the export_pose stage's output)"
+            )
+            log.warning("serving: %s", self.pose_reason)
+            return
+        log.info("serving: pose estimator %s", self.pose.describe())
+
     async def stop(self) -> None:
+        self.pose, self.pose_reason = None, "the server has stopped"
         self.metrics.ready.set(0)
         if self.predictor is not None:
             await self.predictor.stop()
@@ -124,18 +149,33 @@ class Service:
 
     def summarise(self, scores: np.ndarray, frames: int, batch: Batch) -> Prediction:
         """The clips' scores ``(K, classes)`` of one sample -> its prediction."""
-        k = len(scores)
-        fused = scores[0] if k == 1 else average_clips(torch.from_numpy(scores), k)[0].numpy()
-        fused = fused.astype(np.float64)
-        probs = np.exp(fused - fused.max())
-        probs /= probs.sum()
         labels = self.require().labels
-        top = np.argsort(-probs, kind="stable")[: self.settings.top_k]
-        return Prediction(
-            top=[ClassScore(**labels[i], probability=float(probs[i])) for i in top],
-            probabilities=probs.tolist(),
-            scores=fused.tolist(),
-            frames=frames,
-            clips=k,
-            inference_ms=round(batch.inference_ms, 3),
-        )
+        return summarise_scores(scores, labels, self.settings.top_k, frames, batch.inference_ms)
+
+    # -- the video path (POST /v1/predict/video) ---------------------------------------------------
+
+    def require_pose(self) -> PoseRuntime:
+        if self.pose is None:
+            raise ApiError(503, "no_pose_model", self.pose_reason)
+        return self.pose
+
+
+def summarise_scores(
+    scores: np.ndarray, labels: list[dict], top_k: int, frames: int, inference_ms: float
+) -> Prediction:
+    """The scores ``(K, classes)`` of one sample's K clips -> its prediction: clip scores combined as
+    evaluate combines them, softmax, the ``top_k`` classes."""
+    k = len(scores)
+    fused = scores[0] if k == 1 else average_clips(torch.from_numpy(scores), k)[0].numpy()
+    fused = fused.astype(np.float64)
+    probs = np.exp(fused - fused.max())
+    probs /= probs.sum()
+    top = np.argsort(-probs, kind="stable")[:top_k]
+    return Prediction(
+        top=[ClassScore(**labels[i], probability=float(probs[i])) for i in top],
+        probabilities=probs.tolist(),
+        scores=fused.tolist(),
+        frames=frames,
+        clips=k,
+        inference_ms=round(inference_ms, 3),
+    )

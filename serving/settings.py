@@ -71,6 +71,24 @@ class Settings(BaseSettings):
         8, ge=1, description="a prediction every this many frames, once the window is full"
     )
 
+    # -- video (POST /v1/predict/video) --
+    pose_dir: Path = Field(
+        Path("data/export_pose"),
+        description="the export_pose stage's output (checksummed); without it only the video endpoint "
+        "answers 503",
+    )
+    max_video_bytes: int = Field(50 * MiB, ge=1024, description="largest /v1/predict/video upload")
+    video_max_frames: int = Field(900, ge=1, description="longest video analysed, in frames")
+    video_min_frames: int = Field(16, ge=1, description="shortest video analysed, in frames")
+    video_window: int = Field(
+        150, ge=0, description="frames per action window of a long video (0: the whole video at once)"
+    )
+    video_stride: int = Field(75, ge=1, description="frames between the starts of action windows")
+    video_threshold: float = Field(0.3, gt=0, lt=1, description="person-centre probability a detection needs")
+    video_flip_test: bool = Field(
+        False, description="average each person crop with its mirror (better joints, twice the cost)"
+    )
+
     # -- micro-batching --
     micro_batching: bool | None = Field(
         None,

@@ -1,0 +1,574 @@
+"""RGB video -> skeletons -> actions: the pose estimator feeding the action model.
+
+Per frame, with the crop geometry the pose estimator was trained with (:mod:`stages.pose_data`):
+
+1. the frame is letterboxed to the detector's width (:func:`stages.pose_data.letterbox`), and the
+   detector's maps are decoded into at most two people (:func:`models.pose.decode_people`), whose boxes
+   are mapped back to the video's pixels;
+2. each person gets the square crop of training (side = ``crop_margin`` x the larger side of the box;
+   the detector was trained on joint boxes, the crops are cut around joint boxes), and the keypoint
+   graph gives 2D joints (mapped back to video pixels), root-relative 3D joints and confidences;
+3. :func:`models.pose_geometry.solve_translation`, with the NTU colour camera scaled to the video size
+   and the confidences as weights, puts each person in camera space;
+4. a :class:`models.pose_geometry.Tracker` keeps each person in the same slot (0 or 1).
+
+The result, :class:`VideoSkeleton`, holds joints in the pipeline's layout ``(3, T, 25, 2)`` (camera
+space, metres, zeros where a slot is empty), so :func:`skeleton_to_actions` scores it as the server
+scores a ``.skeleton`` upload (:func:`stages.preprocess.prepare` and the served action model), per
+sliding window for long videos. :func:`annotate` draws the result on the video.
+
+    python -m serving.video --video clip.mp4 --out annotated.mp4
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import cv2
+import numpy as np
+import torch
+
+from models.pose import decode_people
+from models.pose_geometry import Camera, Tracker, solve_translation
+from models.skeleton import EDGES, MAX_PERSONS, NUM_JOINTS
+from stages import preprocess
+from stages.bundle import BundleError
+from stages.errors import RejectedInput
+from stages.pose_data import crop_matrix, cut_crop, letterbox, square_crop
+
+from .model import LoadedModel, ModelError
+from .model import load as load_model
+from .pose_runtime import PoseRuntime, PoseRuntimeError
+from .schemas import Prediction
+from .service import summarise_scores
+from .settings import Settings
+
+_SETTINGS = Settings.model_fields  # the server's defaults are the CLI's and the functions'
+MIN_FRAMES = _SETTINGS["video_min_frames"].default  # 16: about half a second at 30 fps
+MAX_FRAMES = _SETTINGS["video_max_frames"].default  # 900: 30 s at 30 fps (pose runs on every frame)
+WINDOW_FRAMES = _SETTINGS["video_window"].default  # 150: 5 s at 30 fps; NTU's actions last 1-10 s
+STRIDE_FRAMES = _SETTINGS["video_stride"].default  # 75
+THRESHOLD = _SETTINGS["video_threshold"].default  # 0.3: person-centre probability
+BATCH_FRAMES = 8  # frames per detector call
+VIDEO_SUFFIXES = (".avi", ".mp4")
+VIDEO_TYPES = ("video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi", "video/mp4")
+WRITERS = {".mp4": "mp4v", ".avi": "MJPG"}
+SLOT_COLOURS = ((90, 220, 90), (40, 170, 255))  # BGR: slot 0 green, slot 1 orange
+
+
+class VideoError(RejectedInput):
+    """A video the pipeline cannot use (unreadable, too short or long, nobody in it)."""
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How a video is analysed (the server's ``NTU_SERVE_VIDEO_*`` settings, the CLI's flags)."""
+
+    threshold: float = THRESHOLD  # person-centre probability a detection needs
+    flip_test: bool = False  # average each crop's heatmaps with its mirror's (twice the keypoint cost)
+    min_frames: int = MIN_FRAMES
+    max_frames: int = MAX_FRAMES
+    window: int = WINDOW_FRAMES  # frames per action window (0: the whole video is one window)
+    stride: int = STRIDE_FRAMES  # frames between window starts
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> VideoOptions:
+        return cls(s.video_threshold, s.video_flip_test, s.video_min_frames, s.video_max_frames,
+                   s.video_window, s.video_stride)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    fps: float  # 0 when the container does not say
+    declared_frames: int  # the container's count (may be 0 or wrong; the decoded frames count)
+
+
+@dataclass
+class VideoSkeleton:
+    """The people of ``T`` frames, in ``M = 2`` stable slots; zeros where a slot is empty."""
+
+    joints: np.ndarray  # float32 (3, T, 25, 2): camera space, metres (the pipeline's layout)
+    joints2d: np.ndarray  # float32 (T, 2, 25, 2): video pixels (x, y), pixel centres
+    confidence: np.ndarray  # float32 (T, 2, 25): keypoint confidence in [0, 1]
+    boxes: np.ndarray  # float32 (T, 2, 4): detected box (x0, y0, x1, y1), video pixels
+    scores: np.ndarray  # float32 (T, 2): person-centre probability
+    present: np.ndarray  # bool (T, 2)
+    size: tuple[int, int]  # (width, height) of the video
+
+    @property
+    def frames(self) -> int:
+        return self.present.shape[0]
+
+    @property
+    def people(self) -> int:
+        """Slots filled in at least one frame."""
+        return int(self.present.any(0).sum())
+
+    @property
+    def frames_with_people(self) -> int:
+        return int(self.present.any(1).sum())
+
+
+@dataclass(frozen=True)
+class WindowActions:
+    """The action model's prediction for the frames ``[start, end)``."""
+
+    start: int
+    end: int
+    prediction: Prediction
+
+
+# ---- reading videos -----------------------------------------------------------------------------
+
+
+def sniff_container(head: bytes) -> str | None:
+    """``.avi`` or ``.mp4`` from the first bytes of a file (RIFF/AVI header, ISO media box), else None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return ".avi"
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return ".mp4"
+    return None
+
+
+def upload_suffix(filename: str | None, content_type: str | None) -> str | None:
+    """The video kind an upload declares (by its name, else its content type), or None."""
+    suffix = Path(filename or "").suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        return suffix
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in VIDEO_TYPES:
+        return ".mp4" if media == "video/mp4" else ".avi"
+    return None
+
+
+@contextlib.contextmanager
+def saved_upload(source: BinaryIO) -> Iterator[Path]:
+    """An uploaded video as a temporary file (OpenCV reads files, not memory), named by its content."""
+    head = source.read(16)
+    if not head:
+        raise VideoError("empty", "the uploaded file is empty; send an .avi or .mp4 video")
+    suffix = sniff_container(head)
+    if suffix is None:
+        raise VideoError(
+            "unreadable_video",
+            "the file is not an AVI or MP4 video (it starts with neither a RIFF/AVI header nor an MP4 box)",
+        )
+    with tempfile.TemporaryDirectory(prefix="ntu-video-") as tmp:
+        path = Path(tmp) / f"upload{suffix}"
+        with path.open("wb") as out:
+            out.write(head)
+            shutil.copyfileobj(source, out, 1 << 20)
+        yield path
+
+
+def _frames(capture: cv2.VideoCapture, max_frames: int) -> Iterator[np.ndarray]:
+    count = 0
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        count += 1
+        if count > max_frames:
+            raise VideoError(
+                "too_long", f"the video has more than {max_frames} frames; at most {max_frames} are analysed"
+            )
+        yield frame
+
+
+@contextlib.contextmanager
+def open_video(path: Path, max_frames: int = MAX_FRAMES) -> Iterator[tuple[VideoInfo, Iterator[np.ndarray]]]:
+    """``(info, frames)`` of the video at ``path``: uint8 BGR frames ``(H, W, 3)``, decoded lazily."""
+    if not Path(path).is_file():
+        raise VideoError("unreadable_video", f"{path}: no such file")
+    capture = cv2.VideoCapture(str(path))
+    try:
+        width, height = (
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+        )
+        if not capture.isOpened() or width < 16 or height < 16:
+            raise VideoError("unreadable_video", f"OpenCV cannot decode {Path(path).name} as a video")
+        declared = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+        if declared > max_frames:
+            raise VideoError(
+                "too_long", f"the video has {declared} frames; at most {max_frames} are analysed"
+            )
+        fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
+        yield (
+            VideoInfo(width, height, fps if np.isfinite(fps) else 0.0, declared),
+            _frames(capture, max_frames),
+        )
+    finally:
+        capture.release()
+
+
+# ---- video -> skeleton ------------------------------------------------------------------------
+
+
+def _chunks(frames: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    chunk = []
+    for frame in frames:
+        chunk.append(frame)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _detector_batch(chunk: list[np.ndarray], width: int, multiple: int) -> tuple[np.ndarray, float]:
+    """Letterboxed frames ``(N, H', width, 3)`` (H' padded to ``multiple``) and their scale."""
+    small = [letterbox(frame, width) for frame in chunk]
+    batch = np.stack([s for s, _ in small])
+    pad = -batch.shape[1] % multiple
+    if pad:
+        batch = np.pad(batch, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    return batch, small[0][1]
+
+
+def _detect(runtime, chunk, threshold: float, max_people: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per frame of ``chunk``: boxes ``(K, 4)`` x0 y0 x1 y1 in video pixels and scores ``(K,)``."""
+    batch, scale = _detector_batch(chunk, runtime.frame_width, runtime.input_multiple)
+    centre, size, offset = (torch.from_numpy(np.asarray(m, np.float32)) for m in runtime.detect(batch))
+    people = decode_people(centre, size, offset, max_people=max_people, threshold=threshold)
+    found = []
+    for boxes, scores, valid in zip(
+        people.boxes.numpy(), people.scores.numpy(), people.valid.numpy(), strict=True
+    ):
+        b = boxes[valid].astype(np.float64) / scale  # K, 4: cx cy w h, video pixels (training: box * scale)
+        half = np.maximum(b[:, 2:], 0.0) / 2
+        found.append((np.concatenate([b[:, :2] - half, b[:, :2] + half], axis=1), scores[valid]))
+    return found
+
+
+def video_to_skeleton(
+    frames: Iterable[np.ndarray],
+    runtime,
+    camera: Camera | None = None,
+    *,
+    threshold: float = THRESHOLD,
+    max_people: int = MAX_PERSONS,
+    flip_test: bool = False,
+    batch_frames: int = BATCH_FRAMES,
+    min_frames: int = MIN_FRAMES,
+) -> VideoSkeleton:
+    """Uint8 BGR frames ``(H, W, 3)`` -> :class:`VideoSkeleton`, with ``runtime`` (a
+    :class:`serving.pose_runtime.PoseRuntime`) and ``camera`` (default: NTU's colour camera) scaled
+    to ``W x H``. Raises :class:`VideoError` for no frame, fewer than ``min_frames``, or nobody."""
+    if not 1 <= max_people <= MAX_PERSONS:
+        raise ValueError(f"max_people must be 1 to {MAX_PERSONS}, got {max_people}")
+    tracker = Tracker(slots=MAX_PERSONS)
+    rows: list[tuple[list[dict], list[int]]] = []  # per frame: the people found and their slots
+    size = cam = None
+    for chunk in _chunks(frames, batch_frames):
+        if size is None:
+            size = (chunk[0].shape[1], chunk[0].shape[0])
+            cam = (camera or Camera()).scaled(*size)
+        if any(f.shape != (size[1], size[0], 3) or f.dtype != np.uint8 for f in chunk):
+            raise VideoError("unreadable_video", f"frames must all be uint8 {size[0]}x{size[1]} BGR images")
+        found = _people(runtime, chunk, cam, threshold, max_people, flip_test)
+        rows.extend(
+            (people, tracker.update(np.array([p["box"] for p in people]).reshape(-1, 4))) for people in found
+        )
+    if not rows:
+        raise VideoError("unreadable_video", "no frame could be decoded from the video")
+    skeleton = _assemble(rows, size)
+    if skeleton.frames < min_frames:
+        raise VideoError(
+            "too_short",
+            f"the video has {skeleton.frames} frames; at least {min_frames} are needed "
+            f"({min_frames / 30:.1f} s at 30 fps)",
+        )
+    if skeleton.frames_with_people == 0:
+        raise VideoError(
+            "no_person",
+            f"no person was found in any of the {skeleton.frames} frames (detection threshold {threshold}); "
+            "film the whole body, lit and in view",
+        )
+    return skeleton
+
+
+def _people(
+    runtime, chunk, camera: Camera, threshold: float, max_people: int, flip_test: bool
+) -> list[list[dict]]:
+    """Per frame of ``chunk``: the people found, each lifted by :func:`_lift` (one keypoint call)."""
+    detected = _detect(runtime, chunk, threshold, max_people)
+    crops, images = [], []
+    for frame, (boxes, _) in zip(chunk, detected, strict=True):
+        for box in boxes:
+            crops.append(square_crop(box, runtime.crop_margin))  # the training crop: (cx, cy, side)
+            images.append(cut_crop(frame, crops[-1], runtime.crop_size))
+    keypoints = runtime.keypoints(np.stack(images), flip_test) if images else ((), (), ())
+    out, k = [], 0
+    for boxes, scores in detected:
+        people = []
+        for box, score in zip(boxes, scores, strict=True):
+            coords, rel, conf = (np.asarray(a[k], np.float64) for a in keypoints)
+            people.append(_lift(box, score, crops[k], coords, rel, conf, runtime.crop_size, camera))
+            k += 1
+        out.append(people)
+    return out
+
+
+def _lift(box, score, crop, coords, rel, conf, crop_size: int, camera: Camera) -> dict:
+    """One person's keypoints (crop pixels, root-relative metres) -> video pixels and camera space."""
+    back = cv2.invertAffineTransform(crop_matrix(crop, crop_size))  # crop pixels -> video pixels
+    uv = coords @ back[:, :2].T + back[:, 2]  # 25, 2
+    weights = conf if (conf > 0).sum() >= 2 else np.ones(NUM_JOINTS)  # no confident joints: all equal
+    xyz = rel + solve_translation(rel, uv, weights, camera)  # 25, 3
+    return {"xyz": xyz, "uv": uv, "conf": conf, "box": box, "score": score}
+
+
+def _assemble(rows: list[tuple[list[dict], list[int]]], size: tuple[int, int]) -> VideoSkeleton:
+    t = len(rows)
+    joints = np.zeros((3, t, NUM_JOINTS, MAX_PERSONS), np.float32)
+    joints2d = np.zeros((t, MAX_PERSONS, NUM_JOINTS, 2), np.float32)
+    confidence = np.zeros((t, MAX_PERSONS, NUM_JOINTS), np.float32)
+    boxes = np.zeros((t, MAX_PERSONS, 4), np.float32)
+    scores = np.zeros((t, MAX_PERSONS), np.float32)
+    present = np.zeros((t, MAX_PERSONS), bool)
+    for i, (people, slots) in enumerate(rows):
+        for person, slot in zip(people, slots, strict=True):
+            joints[:, i, :, slot] = person["xyz"].T
+            joints2d[i, slot], confidence[i, slot] = person["uv"], person["conf"]
+            boxes[i, slot], scores[i, slot], present[i, slot] = person["box"], person["score"], True
+    return VideoSkeleton(joints, joints2d, confidence, boxes, scores, present, size)
+
+
+def skeleton_from_file(
+    path: Path, runtime, options: VideoOptions = VideoOptions(), camera: Camera | None = None
+) -> tuple[VideoInfo, VideoSkeleton]:
+    """Decode the video at ``path`` and run :func:`video_to_skeleton` on it."""
+    with open_video(path, options.max_frames) as (info, frames):
+        skeleton = video_to_skeleton(
+            frames,
+            runtime,
+            camera,
+            threshold=options.threshold,
+            flip_test=options.flip_test,
+            min_frames=options.min_frames,
+        )
+    return info, skeleton
+
+
+def skeleton_from_upload(
+    source: BinaryIO, runtime, options: VideoOptions = VideoOptions()
+) -> tuple[VideoInfo, VideoSkeleton]:
+    """:func:`skeleton_from_file` on an uploaded file object (saved to a temporary file first)."""
+    with saved_upload(source) as path:
+        return skeleton_from_file(path, runtime, options)
+
+
+# ---- skeleton -> actions ------------------------------------------------------------------------
+
+
+def action_windows(frames: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """Spans ``[start, end)`` covering ``frames``: one when ``frames <= window`` (or ``window`` is 0),
+    else ``window`` frames every ``stride``, the last one ending at the last frame."""
+    if window <= 0 or frames <= window:
+        return [(0, frames)]
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1 frame, got {stride}")
+    starts = list(range(0, frames - window + 1, stride))
+    if starts[-1] + window < frames:
+        starts.append(frames - window)
+    return [(s, s + window) for s in starts]
+
+
+def window_joints(joints: np.ndarray, start: int, end: int) -> np.ndarray | None:
+    """Joints ``(3, T, 25, 2)`` of ``[start, end)`` as the parse stage leaves a sample: frames with
+    nobody dropped, the slot seen in most frames first (actor 1); None when nobody is in the window."""
+    x = joints[:, start:end]
+    present = np.any(x != 0, axis=(0, 2))  # t, M
+    keep = present.any(1)
+    if not keep.any():
+        return None
+    order = np.argsort(-present[keep].sum(0), kind="stable")
+    return np.ascontiguousarray(x[:, keep][..., order])
+
+
+def window_clips(
+    joints: np.ndarray, model: LoadedModel, window: int, stride: int
+) -> tuple[list[tuple[int, int]], list[np.ndarray], list[int]]:
+    """The windows with people: spans, the model's clips of each (:func:`stages.preprocess.prepare`),
+    and the frames with people in each."""
+    spans, prepared, counts = [], [], []
+    for start, end in action_windows(joints.shape[1], window, stride):
+        x = window_joints(joints, start, end)
+        if x is None:
+            continue
+        spans.append((start, end))
+        prepared.append(preprocess.prepare(x, model.loader, model.view_align))
+        counts.append(x.shape[1])
+    return spans, prepared, counts
+
+
+def skeleton_to_actions(
+    joints: np.ndarray,
+    model: LoadedModel,
+    *,
+    window: int = WINDOW_FRAMES,
+    stride: int = STRIDE_FRAMES,
+    top: int = 5,
+) -> list[WindowActions]:
+    """Joints ``(3, T, 25, 2)`` -> the top ``top`` actions of each window (one model call for all)."""
+    spans, prepared, counts = window_clips(joints, model, window, stride)
+    if not spans:
+        raise VideoError("no_person", "no window of the video has a person in it")
+    started = time.perf_counter()
+    scores = model.run(np.concatenate(prepared))
+    ms = (time.perf_counter() - started) * 1000
+    out, k = [], 0
+    for (start, end), clips, n in zip(spans, prepared, counts, strict=True):
+        prediction = summarise_scores(scores[k : k + len(clips)], model.labels, top, n, ms)
+        out.append(WindowActions(start, end, prediction))
+        k += len(clips)
+    return out
+
+
+# ---- drawing ------------------------------------------------------------------------------------
+
+
+def draw_skeleton(image: np.ndarray, uv: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Bones (``models.skeleton.EDGES``) and joints of ``uv (25, 2)`` (pixels) drawn on ``image``."""
+    width = max(1, round(image.shape[1] / 320))
+    points = [tuple(p) for p in np.rint(uv).astype(int).tolist()]
+    for child, parent in EDGES:
+        cv2.line(image, points[child], points[parent], colour, width, cv2.LINE_AA)
+    for p in points:
+        cv2.circle(image, p, width + 1, colour, -1, cv2.LINE_AA)
+
+
+def _label_of_frames(windows: list[WindowActions], frames: int) -> list[str]:
+    """The top action of the window centred nearest each frame, among the windows holding it."""
+    labels = [""] * frames
+    for t in range(frames):
+        holding = [w for w in windows if w.start <= t < w.end]
+        if holding:
+            best = min(holding, key=lambda w: abs((w.start + w.end) / 2 - t))
+            top = best.prediction.top[0]
+            labels[t] = f"{top.name} {top.probability:.2f}"
+    return labels
+
+
+def annotate(
+    frames: Iterable[np.ndarray],
+    skeleton: VideoSkeleton,
+    windows: list[WindowActions],
+    out_path: Path,
+    fps: float = 30.0,
+) -> int:
+    """Write ``frames`` with each slot's skeleton and box (one colour per slot) and the top action of
+    the window to ``out_path`` (``.mp4``: mp4v, ``.avi``: MJPG); returns the frames written."""
+    out_path = Path(out_path)
+    codec = WRITERS.get(out_path.suffix.lower())
+    if codec is None:
+        raise ValueError(f"{out_path}: the annotated video must be {' or '.join(WRITERS)}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*codec), fps or 30.0, skeleton.size)
+    if not writer.isOpened():
+        raise OSError(f"OpenCV cannot write {out_path} with the {codec} codec")
+    labels = _label_of_frames(windows, skeleton.frames)
+    written = 0
+    try:
+        for t, frame in enumerate(frames):
+            if t >= skeleton.frames:
+                break
+            image = frame.copy()
+            for slot in np.flatnonzero(skeleton.present[t]):
+                colour = SLOT_COLOURS[slot]
+                x0, y0, x1, y1 = np.rint(skeleton.boxes[t, slot]).astype(int).tolist()
+                cv2.rectangle(image, (x0, y0), (x1, y1), colour, 1)
+                draw_skeleton(image, skeleton.joints2d[t, slot], colour)
+            if labels[t]:
+                scale = max(0.4, skeleton.size[0] / 960)
+                (w, h), base = cv2.getTextSize(labels[t], cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+                cv2.rectangle(image, (0, 0), (w + 8, h + base + 8), (0, 0, 0), -1)
+                cv2.putText(image, labels[t], (4, h + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
+                            cv2.LINE_AA)  # fmt: skip
+            writer.write(image)
+            written += 1
+    finally:
+        writer.release()
+    return written
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def _describe(info: VideoInfo, skeleton: VideoSkeleton, seconds: float) -> str:
+    return (
+        f"{skeleton.frames} frames {info.width}x{info.height} at {info.fps:.1f} fps; {skeleton.people} "
+        f"person(s), in {skeleton.frames_with_people} frames; pose {seconds:.1f} s "
+        f"({skeleton.frames / max(seconds, 1e-9):.1f} frames/s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m serving.video",
+        description="Find the people of a video, track their skeletons and name their actions.",
+    )
+    ap.add_argument("--video", required=True, type=Path, help="an .avi / .mp4 (anything OpenCV decodes)")
+    ap.add_argument("--out", type=Path, help="write the annotated video here (.mp4 or .avi)")
+    ap.add_argument("--pose-dir", type=Path, default=Path("data/export_pose"), help="export_pose's output")
+    ap.add_argument("--bundle-dir", type=Path, default=Path("data/export/bundle"), help="the action bundle")
+    ap.add_argument("--top", type=int, default=3, help="actions listed per window")
+    ap.add_argument("--window-frames", type=int, default=WINDOW_FRAMES, help="0: one window")
+    ap.add_argument("--stride", type=int, default=STRIDE_FRAMES, help="frames between windows")
+    ap.add_argument("--threshold", type=float, default=THRESHOLD, help="person-centre probability")
+    ap.add_argument("--flip-test", action="store_true", help="average each crop with its mirror")
+    ap.add_argument("--max-frames", type=int, default=MAX_FRAMES)
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: cores)")
+    args = ap.parse_args(argv)
+    if args.top < 1 or args.stride < 1 or args.window_frames < 0 or args.max_frames < 1:
+        ap.error("--top, --stride and --max-frames must be at least 1, --window-frames at least 0")
+    options = VideoOptions(
+        threshold=args.threshold,
+        flip_test=args.flip_test,
+        max_frames=args.max_frames,
+        window=args.window_frames,
+        stride=args.stride,
+    )
+    model = None
+    try:
+        runtime = PoseRuntime.load(args.pose_dir, args.threads)
+        model = load_model(Settings(bundle_dir=args.bundle_dir, model_uri=None, threads=args.threads))
+        started = time.perf_counter()
+        info, skeleton = skeleton_from_file(args.video, runtime, options)
+        print(f"video: {_describe(info, skeleton, time.perf_counter() - started)}")
+        windows = skeleton_to_actions(
+            skeleton.joints, model, window=options.window, stride=options.stride, top=args.top
+        )
+        for w in windows:
+            tops = ", ".join(f"{c.name} {c.probability:.3f}" for c in w.prediction.top)
+            print(f"frames {w.start}-{w.end - 1}: {tops}")
+        if args.out is not None:
+            with open_video(args.video, options.max_frames) as (_, frames):
+                written = annotate(frames, skeleton, windows, args.out, info.fps)
+            print(f"annotated video: {args.out} ({written} frames)")
+    except RejectedInput as exc:
+        print(f"video: error: {exc.message}", file=sys.stderr)
+        return 2
+    except (PoseRuntimeError, ModelError, BundleError, ValueError, OSError) as exc:
+        print(f"video: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if model is not None:
+            model.cleanup.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,442 @@
+"""Video -> skeleton -> actions: the geometry chain, the exported pose graphs on a drawn video, the
+action windows, the annotated video, POST /v1/predict/video and ``python -m serving.video``."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from models.pose_geometry import Camera
+from models.skeleton import MAX_PERSONS, NUM_JOINTS, SPINE_MIDDLE
+from serving import model as model_loader
+from serving import video
+from serving.app import create_app
+from serving.pose_runtime import PoseRuntime
+from serving.schemas import ClassScore, Prediction
+from tests.pose_helpers import pose_export, stick_figure_frames, write_video
+from tests.serving_helpers import Reference, as_clip, raw_files, serving, settings_for, softmax
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD = 3
+HEAD_HEIGHT = 0.45  # m above the root in the fake keypoint head's 3D answer
+UP = np.array([0.0, HEAD_HEIGHT, 0.0])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return pose_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def runtime(exported):
+    return PoseRuntime.load(exported.dir)
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("video") / "walk.avi", stick_figure_frames(40))
+
+
+@pytest.fixture(scope="module")
+def action_model(tiny_bundle):
+    loaded = model_loader.load(settings_for(tiny_bundle.bundle_dir))
+    yield loaded
+    loaded.cleanup.close()
+
+
+# ---- the geometry chain, with a fake pose model whose answers are known ---------------------------------
+
+
+def _centroid(channel: np.ndarray) -> np.ndarray:
+    w = channel.astype(np.float64)
+    ys, xs = np.mgrid[: w.shape[0], : w.shape[1]]
+    return np.array([(w * xs).sum(), (w * ys).sum()]) / w.sum()
+
+
+class BlobRuntime:
+    """A stand-in for :class:`PoseRuntime`: a person is a green torso (its centroid is the root) with
+    a red head patch above it (its centroid is the head, HEAD_HEIGHT m above the root).
+
+    ``detect`` finds each person's blobs in the letterboxed frame and encodes their bounding box as
+    CenterNet maps, with scores whose order flips every frame; ``keypoints`` measures the centroids in
+    each crop it is given. Both record what they were given.
+    """
+
+    crop_size, frame_width, crop_margin, input_multiple = 64, 320, 1.3, 32
+
+    def __init__(self):
+        self.frame_shapes, self.crop_shapes, self.frames_seen = [], [], 0
+
+    def detect(self, frames: np.ndarray):
+        n, h, w, _ = frames.shape
+        self.frame_shapes.append(frames.shape)
+        centre = np.zeros((n, 1, h // 8, w // 8), np.float32)
+        size, offset = (
+            np.zeros((n, 2, h // 8, w // 8), np.float32),
+            np.zeros((n, 2, h // 8, w // 8), np.float32),
+        )
+        for i, frame in enumerate(frames):
+            mask = (frame.max(-1) > 40).astype(np.uint8)
+            count, labels = cv2.connectedComponents(cv2.dilate(mask, np.ones((31, 31), np.uint8)))
+            for k in range(1, count):
+                ys, xs = np.nonzero(mask * (labels == k))
+                box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float64)
+                c = (box[:2] + box[2:]) / 2
+                cell = np.floor((c + 0.5) / 8).astype(int)
+                score = 0.9 if (k + self.frames_seen) % 2 else 0.6  # the order flips every frame
+                centre[i, 0, cell[1], cell[0]] = score
+                size[i, :, cell[1], cell[0]] = (box[2:] - box[:2]) / 8
+                offset[i, :, cell[1], cell[0]] = (c + 0.5) / 8 - cell
+            self.frames_seen += 1
+        return centre, size, offset
+
+    def keypoints(self, crops: np.ndarray, flip_test: bool = False):
+        self.crop_shapes.append(crops.shape)
+        n = len(crops)
+        coords, rel, conf = (
+            np.zeros((n, NUM_JOINTS, 2)),
+            np.zeros((n, NUM_JOINTS, 3)),
+            np.zeros((n, NUM_JOINTS)),
+        )
+        for i, crop in enumerate(crops):
+            coords[i, :] = _centroid(crop[..., 1])  # green: the torso
+            coords[i, HEAD] = _centroid(crop[..., 2])  # red: the head
+            rel[i, HEAD, 1] = HEAD_HEIGHT
+            conf[i, [SPINE_MIDDLE, HEAD]] = 1.0
+        return coords, rel, conf
+
+
+def _draw_person(image, camera: Camera, root: np.ndarray) -> dict:
+    """Draw a blob person whose root is at camera-space ``root``; return what the pipeline must find."""
+    u, v = np.rint(camera.project(root)).astype(int)
+    vh = int(np.rint(camera.project(root + UP)[1]))
+    image[v - 25 : v + 26, u - 12 : u + 13] = (0, 200, 0)  # odd sizes: the centroid is (u, v) exactly
+    image[vh - 4 : vh + 5, u - 4 : u + 5] = (0, 0, 255)
+    z = camera.f * HEAD_HEIGHT / (v - vh)  # the depth the drawn pixels imply, by similar triangles
+    xyz = np.array([(u - camera.cx) * z / camera.f - camera.baseline, (camera.cy - v) * z / camera.f, z])
+    return {"root2d": (u, v), "head2d": (u, vh), "box": (u - 12, vh - 4, u + 12, v + 25), "root": xyz}
+
+
+def test_geometry_chain_back_to_video_pixels_camera_space_and_stable_slots():
+    width, height, frames = 640, 360, 12  # letterboxed to 320 x 192: scale 0.5
+    camera = Camera().scaled(width, height)
+    images, truth = [], []
+    for t in range(frames):
+        image = np.zeros((height, width, 3), np.uint8)
+        people = {}
+        if t != 5:  # the left person is hidden in frame 5
+            people[0] = _draw_person(image, camera, np.array([-0.9 + 0.01 * t, 0.05, 3.0]))
+        people[1] = _draw_person(image, camera, np.array([0.8 - 0.01 * t, -0.1, 4.0]))
+        images.append(image)
+        truth.append(people)
+    fake = BlobRuntime()
+    skeleton = video.video_to_skeleton(iter(images), fake, min_frames=1)
+
+    assert [s[1:] for s in fake.frame_shapes] == [(192, 320, 3)] * 2  # letterboxed, 8 + 4 frames
+    assert all(s[1:] == (64, 64, 3) for s in fake.crop_shapes)
+    assert skeleton.frames == frames and skeleton.size == (width, height) and skeleton.people == 2
+    assert skeleton.present[:, 1].all() and skeleton.present[:, 0].sum() == frames - 1
+    for t, people in enumerate(truth):
+        for slot, want in people.items():  # the left person stays in slot 0 though the order flips
+            np.testing.assert_allclose(skeleton.joints2d[t, slot, SPINE_MIDDLE], want["root2d"], atol=0.3)
+            np.testing.assert_allclose(skeleton.joints2d[t, slot, HEAD], want["head2d"], atol=0.3)
+            np.testing.assert_allclose(skeleton.boxes[t, slot], want["box"], atol=1.5)  # via 1/2 scale
+            root = skeleton.joints[:, t, SPINE_MIDDLE, slot]
+            np.testing.assert_allclose(root, want["root"], atol=0.02)  # 3 or 4 m deep, within 2 cm
+            np.testing.assert_allclose(skeleton.joints[:, t, HEAD, slot], root + UP, atol=1e-5)
+    assert not skeleton.joints[:, 5, :, 0].any() and not skeleton.joints2d[5, 0].any()  # empty: zeros
+    assert skeleton.scores[0, 0] in (np.float32(0.9), np.float32(0.6)) and skeleton.scores[5, 0] == 0
+
+
+# ---- the exported (untrained) graphs on a drawn video ----------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".avi", ".mp4"])
+def test_untrained_pose_graphs_give_skeletons_in_the_pipeline_layout(runtime, tmp_path, suffix):
+    path = write_video(tmp_path / f"walk{suffix}", stick_figure_frames(20))
+    info, skeleton = video.skeleton_from_file(path, runtime)
+    assert (info.width, info.height, info.fps) == (320, 180, 30.0)
+    t = skeleton.frames
+    assert (
+        t == 20
+        and skeleton.joints.shape == (3, t, NUM_JOINTS, MAX_PERSONS)
+        and skeleton.joints.dtype == np.float32
+    )
+    assert skeleton.joints2d.shape == (t, MAX_PERSONS, NUM_JOINTS, 2) and skeleton.boxes.shape == (t, 2, 4)
+    assert skeleton.present.all() and skeleton.people == 2  # the constant centre map: two people everywhere
+    assert (skeleton.joints[2] > 0).all() and np.isfinite(skeleton.joints).all()  # in front of the camera
+    # every 2D joint lies inside its person's square crop, mapped back to video pixels
+    centre = (skeleton.boxes[..., :2] + skeleton.boxes[..., 2:]) / 2  # T, 2, 2
+    side = np.maximum((skeleton.boxes[..., 2:] - skeleton.boxes[..., :2]).max(-1), 8.0) * runtime.crop_margin
+    offset = np.abs(skeleton.joints2d - centre[:, :, None]).max(-1)  # T, 2, 25
+    assert (offset <= side[..., None] / 2 + 1e-3).all()
+    one = video.video_to_skeleton(stick_figure_frames(20), runtime, max_people=1)
+    assert one.people == 1 and not one.joints[..., 1].any() and not one.present[:, 1].any()
+
+
+def test_video_errors_say_what_was_wrong(runtime, clip_path, tmp_path):
+    def code(path, **options):
+        with pytest.raises(video.VideoError) as caught:
+            video.skeleton_from_file(path, runtime, video.VideoOptions(**options))
+        return caught.value.code, caught.value.message
+
+    short = write_video(tmp_path / "short.avi", stick_figure_frames(10))
+    assert code(short) == ("too_short", "the video has 10 frames; at least 16 are needed (0.5 s at 30 fps)")
+    assert code(clip_path, threshold=0.99)[0] == "no_person"  # the untrained centre map is 0.953
+    assert "threshold 0.99" in code(clip_path, threshold=0.99)[1]
+    assert code(clip_path, max_frames=30) == ("too_long", "the video has 40 frames; at most 30 are analysed")
+    garbage = tmp_path / "garbage.avi"
+    garbage.write_bytes(b"RIFF\x00\x00\x00\x00AVI " + bytes(range(256)) * 8)
+    assert code(garbage) == ("unreadable_video", "OpenCV cannot decode garbage.avi as a video")
+    assert code(tmp_path / "none.mp4")[0] == "unreadable_video"
+    with pytest.raises(ValueError, match="max_people must be 1 to 2"):
+        video.video_to_skeleton([], runtime, max_people=3)
+
+
+def test_uploads_are_recognised_by_name_type_and_content(clip_path):
+    data = clip_path.read_bytes()
+    assert (
+        video.sniff_container(data[:16]) == ".avi" and video.sniff_container(b"\0\0\0\x20ftypisom") == ".mp4"
+    )
+    assert video.sniff_container(b"hello world") is None
+    assert (
+        video.upload_suffix("a.MP4", None) == ".mp4"
+        and video.upload_suffix("clip", "video/x-msvideo") == ".avi"
+    )
+    assert video.upload_suffix("notes.txt", "text/plain") is None
+    with video.saved_upload(io.BytesIO(data)) as path:  # an AVI is saved as .avi whatever its name
+        assert path.suffix == ".avi" and path.read_bytes() == data
+    assert not path.exists()
+    for payload, words in ((b"", "empty"), (b"<html>nope</html>", "neither a RIFF/AVI header")):
+        with pytest.raises(video.VideoError, match=words), video.saved_upload(io.BytesIO(payload)):
+            pass
+
+
+# ---- actions per window -------------------------------------------------------------------------
+
+
+def test_action_windows_cover_the_video():
+    assert video.action_windows(40, 150, 75) == [(0, 40)]
+    assert video.action_windows(400, 0, 75) == [(0, 400)]
+    assert video.action_windows(300, 150, 75) == [(0, 150), (75, 225), (150, 300)]
+    assert video.action_windows(400, 150, 75) == [(0, 150), (75, 225), (150, 300), (225, 375), (250, 400)]
+    joints = np.zeros((3, 6, NUM_JOINTS, 2), np.float32)
+    joints[..., 0, 1] = 1.0  # slot 1 in frames 0-5 (only joint 0 set: presence is any joint)
+    joints[:, 1:3, 0, 0] = 2.0  # slot 0 in frames 1-2
+    joints[:, 4] = 0  # nobody in frame 4
+    x = video.window_joints(joints, 0, 6)
+    assert x.shape == (3, 5, NUM_JOINTS, 2)  # frame 4 dropped
+    assert (x[:, :, 0, 0] == 1.0).all() and x[0, 1:3, 0, 1].tolist() == [2.0, 2.0]  # slot 1 is now actor 1
+    assert video.window_joints(joints, 4, 5) is None
+
+
+def test_skeleton_actions_are_the_served_models_predictions(tiny_bundle, action_model):
+    joints = raw_files(tiny_bundle)[8][1]  # a real one-person sequence (3, T, 25, 2)
+    reference = Reference(tiny_bundle, action_model.loader)
+    (whole,) = video.skeleton_to_actions(joints, action_model, window=0, top=2)
+    assert (whole.start, whole.end) == (0, joints.shape[1]) and len(whole.prediction.top) == 2
+    np.testing.assert_array_equal(
+        video.window_joints(joints, 0, joints.shape[1]), joints
+    )  # one actor, no gap
+    np.testing.assert_allclose(
+        whole.prediction.probabilities, softmax(reference.scores(joints)[0]), atol=1e-5
+    )
+    windows = video.skeleton_to_actions(joints, action_model, window=48, stride=40, top=3)
+    spans = [(w.start, w.end) for w in windows]
+    assert len(spans) >= 2 and spans == video.action_windows(joints.shape[1], 48, 40)
+    for w in windows:
+        want = softmax(reference.scores(joints[:, w.start : w.end])[0])
+        np.testing.assert_allclose(w.prediction.probabilities, want, atol=1e-5)
+        assert w.prediction.frames == w.end - w.start
+    with pytest.raises(video.VideoError, match="no window"):
+        video.skeleton_to_actions(np.zeros_like(joints), action_model)
+
+
+# ---- the annotated video --------------------------------------------------------------------------
+
+
+def _prediction(name: str) -> Prediction:
+    top = [ClassScore(index=0, id=8, name=name, probability=0.9)]
+    return Prediction(
+        top=top, probabilities=[0.9, 0.1], scores=[1.0, 0.0], frames=4, clips=1, inference_ms=1.0
+    )
+
+
+@pytest.mark.parametrize("suffix", [".avi", ".mp4"])
+def test_annotate_draws_skeletons_boxes_and_labels(tmp_path, suffix):
+    frames = [np.full((180, 320, 3), 100, np.uint8) for _ in range(8)]
+    t, uv = 8, Camera().scaled(320, 180).project(np.tile([0.3, 0.0, 3.0], (NUM_JOINTS, 1)))
+    present = np.zeros((t, 2), bool)
+    present[:, 1] = True
+    joints2d = np.zeros((t, 2, NUM_JOINTS, 2), np.float32)
+    joints2d[:, 1] = uv  # every joint at one point: a filled dot in slot 1's colour
+    boxes = np.zeros((t, 2, 4), np.float32)
+    boxes[:, 1] = (20, 60, 80, 170)
+    skeleton = video.VideoSkeleton(
+        np.zeros((3, t, NUM_JOINTS, 2), np.float32), joints2d, np.zeros((t, 2, NUM_JOINTS), np.float32),
+        boxes, np.zeros((t, 2), np.float32), present, (320, 180),
+    )  # fmt: skip
+    windows = [video.WindowActions(0, 4, _prediction("sit down"))]
+    out = tmp_path / f"annotated{suffix}"
+    assert video.annotate(iter(frames), skeleton, windows, out, fps=25.0) == 8
+    with video.open_video(out) as (info, decoded):
+        back = list(decoded)
+    assert (info.width, info.height, len(back)) == (320, 180, 8) and abs(info.fps - 25.0) < 0.01
+    x, y = np.rint(uv[0]).astype(int)
+    b, g, r = back[0][y, x].astype(int)
+    assert r > g + 40 and r > b + 40  # slot 1's orange dot
+    assert back[0][4, 4].max() < 60 and abs(int(back[6][4, 4].mean()) - 100) < 15  # label only in 0-3
+    assert back[0][60, 50][2] > 150  # the box's top edge, orange
+    with pytest.raises(ValueError, match=re.escape(".mp4 or .avi")):
+        video.annotate(iter(frames), skeleton, windows, tmp_path / "x.gif")
+
+
+# ---- the endpoint -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle, exported):
+    with serving(tiny_bundle.bundle_dir, pose_dir=exported.dir) as c:
+        yield c
+
+
+def _is_error(response, status: int, code: str, words: str = "") -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail", "code"} and body["code"] == code, body
+    assert words.lower() in body["detail"].lower(), body
+
+
+def test_video_endpoint_names_the_actions_of_an_upload(client, clip_path, runtime, action_model, exported):
+    data = clip_path.read_bytes()
+    response = client.post("/v1/predict/video", files={"file": ("walk.avi", data, "video/x-msvideo")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["frames"], body["width"], body["height"], body["fps"]) == (40, 320, 180, 30.0)
+    assert (body["people"], body["frames_with_people"]) == (2, 40)
+    assert body["pose_model"]["version"] == runtime.version and body["skeletons"] is None
+    assert body["model"]["name"] == action_model.meta["name"]
+    assert client.get("/v1/model").json()["runtime"]["video"]["version"] == runtime.version
+    (window,) = body["windows"]
+    assert (window["start"], window["end"]) == (0, 40) and len(window["prediction"]["top"]) == 3
+    _, skeleton = video.skeleton_from_file(clip_path, runtime)  # the CLI's path gives the same answer
+    (want,) = video.skeleton_to_actions(skeleton.joints, action_model)
+    np.testing.assert_allclose(
+        window["prediction"]["probabilities"], want.prediction.probabilities, atol=1e-5
+    )
+    timing = body["timing"]
+    assert timing["total_ms"] >= timing["pose_ms"] > 0 and timing["pose_frames_per_s"] > 0
+    with_skeletons = client.post(
+        "/v1/predict/video", files={"file": ("walk.avi", data)}, data={"skeletons": "true"}
+    ).json()["skeletons"]
+    assert np.asarray(with_skeletons["joints"]).shape == (3, 40, NUM_JOINTS, 2)
+    assert np.asarray(with_skeletons["joints2d"]).shape == (40, 2, NUM_JOINTS, 2)
+    np.testing.assert_allclose(with_skeletons["joints"], skeleton.joints, atol=1e-4)
+    query = client.post("/v1/predict/video?skeletons=true", files={"file": ("walk.avi", data)}).json()
+    assert np.asarray(query["skeletons"]["boxes"]).shape == (40, 2, 4)
+
+
+def test_video_endpoint_refuses_bad_uploads(client, tmp_path):
+    post = lambda **kw: client.post("/v1/predict/video", **kw)  # noqa: E731
+    _is_error(
+        post(files={"file": ("x.avi", b"\x00garbage" * 100)}), 422, "unreadable_video", "not an avi or mp4"
+    )
+    riff = b"RIFF\x00\x00\x00\x00AVI " + bytes(range(256)) * 4
+    _is_error(post(files={"file": ("x.avi", riff)}), 422, "unreadable_video", "opencv cannot decode")
+    _is_error(post(files={"file": ("x.mp4", b"")}), 422, "empty", "empty")
+    _is_error(
+        post(files={"file": ("notes.txt", b"hello", "text/plain")}), 415, "unsupported_media_type", ".mp4"
+    )
+    _is_error(post(files={"other": ("x.avi", b"1")}), 422, "missing_file", "'file'")
+    _is_error(post(json={"file": "x"}), 415, "unsupported_media_type", "multipart")
+    short = write_video(tmp_path / "short.avi", stick_figure_frames(10)).read_bytes()
+    _is_error(post(files={"file": ("short.avi", short)}), 422, "too_short", "at least 16")
+
+
+def test_video_endpoint_size_limit(tiny_bundle, exported, clip_path):
+    app = create_app(settings_for(tiny_bundle.bundle_dir, pose_dir=exported.dir, max_video_bytes=4096))
+    c = TestClient(app)  # the limit is checked before any model is needed
+    _is_error(
+        c.post("/v1/predict/video", files={"file": ("walk.avi", clip_path.read_bytes())}),
+        413,
+        "too_large",
+        "4096",
+    )
+
+
+def test_without_a_pose_model_only_the_video_endpoint_is_unavailable(
+    tiny_bundle, tmp_path, clip_path, files_clip
+):
+    with serving(tiny_bundle.bundle_dir, pose_dir=tmp_path / "nowhere") as c:
+        response = c.post("/v1/predict/video", files={"file": ("walk.avi", clip_path.read_bytes())})
+        _is_error(response, 503, "no_pose_model", "NTU_SERVE_POSE_DIR")
+        assert "no pose.json" in response.json()["detail"]
+        assert c.get("/ready").status_code == 200
+        assert "no pose.json" in c.get("/v1/model").json()["runtime"]["video"]["unavailable"]
+        assert c.post("/v1/predict", json={"clip": files_clip}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def files_clip(tiny_bundle):
+    return as_clip(raw_files(tiny_bundle)[8][1], 1)
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+
+def test_cli_prints_actions_and_writes_the_annotated_video(
+    exported, tiny_bundle, clip_path, tmp_path, capsys
+):
+    out = tmp_path / "annotated.mp4"
+    argv = [
+        "--video",
+        str(clip_path),
+        "--pose-dir",
+        str(exported.dir),
+        "--bundle-dir",
+        str(tiny_bundle.bundle_dir),
+    ]
+    assert video.main([*argv, "--out", str(out), "--top", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"video: 40 frames 320x180 at 30.0 fps; 2 person\(s\), in 40 frames", printed)
+    (line,) = [s for s in printed.splitlines() if s.startswith("frames 0-39: ")]
+    assert len(line.split(", ")) == 2 and f"annotated video: {out} (40 frames)" in printed
+    with video.open_video(out) as (info, frames):
+        assert (info.width, info.height, sum(1 for _ in frames)) == (320, 180, 40)
+
+
+def test_cli_errors_exit_2_with_the_reason(exported, tiny_bundle, clip_path, tmp_path, capsys):
+    base = ["--pose-dir", str(exported.dir), "--bundle-dir", str(tiny_bundle.bundle_dir)]
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video")
+    short = write_video(tmp_path / "short.avi", stick_figure_frames(10))
+    cases = [
+        (["--video", str(garbage), *base], "OpenCV cannot decode garbage.mp4"),
+        (["--video", str(short), *base], "10 frames; at least 16 are needed"),
+        (["--video", str(clip_path), *base, "--threshold", "0.99"], "no person was found in any of the 40"),
+        (["--video", str(short), "--pose-dir", str(tmp_path), "--bundle-dir", "x"], "no pose.json"),
+        (
+            ["--video", str(short), "--pose-dir", str(exported.dir), "--bundle-dir", str(tmp_path)],
+            "no manifest",
+        ),
+    ]
+    for argv, words in cases:
+        assert video.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("video: error: ") and words in err, err
+
+
+def test_cli_runs_as_a_module(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.video", "--video", "x.avi", "--pose-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "video: error:" in done.stderr and "no pose.json" in done.stderr
