@@ -40,7 +40,7 @@ def project(tmp_path_factory):
     project = tmp_path_factory.mktemp("project")
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, project / name)
-    for package in ("models", "stages"):
+    for package in ("models", "stages", "serving"):
         shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["synthesize"].update(num_subjects=4, num_setups=2, num_sessions=4, workers=1)
@@ -49,6 +49,13 @@ def project(tmp_path_factory):
     params["train"]["recipes"]["adamw"].update(epochs=2, batch_size=16)
     params["evaluate"].update(multi_clips=0, workers=0)
     params["export"].update(calibration_samples=32, latency_runs=3)
+    # the pose branch at a token size: 2 small videos per class, one short epoch
+    params["render"].update(width=256, videos_per_class=1, workers=1)
+    params["pose_data"].update(frame_stride=8, crop_size=64, frame_width=128, workers=1)
+    params["train_pose"].update(max_test_crops=32, workers=0, frame_batch_size=2)
+    params["train_pose"]["recipe"].update(epochs=1, batch_size=8)
+    params["export_pose"].update(latency_runs=2)
+    params["evaluate_video"].update(videos_per_class=1)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     dvc(project, "init", "-q")
@@ -67,6 +74,11 @@ def test_repro_builds_the_dataset_then_skips_everything(project):
         "evaluate",
         "export",
         "package",
+        "render",
+        "pose_data",
+        "train_pose",
+        "export_pose",
+        "evaluate_video",
     )
     for stage in stages:
         assert f"Running stage '{stage}'" in first
@@ -95,3 +107,10 @@ def test_repro_builds_the_dataset_then_skips_everything(project):
     assert packaged["model_uri"] == "models:/ntu120-ctrgcn/1" and packaged["status"] == "champion"
     assert packaged["top1"] == evaluation["centre_clip"]["fused"]["top1"]
     assert packaged["bundle_version"] == meta["version"]
+    rendered = list((project / "data/raw/synthetic_rgb").glob("*_rgb.avi"))
+    assert len(rendered) == 16  # one per class
+    pose = json.loads((project / "data/reports/pose/metrics.json").read_text())
+    assert 0.0 <= pose["pck@0.2"] <= pose["pck@0.5"] <= 1.0 and pose["train_crops"] > 0
+    assert (project / "data/export_pose/keypoints.onnx").exists()
+    video = json.loads((project / "data/reports/video/metrics.json").read_text())
+    assert video["videos"] > 0 and 0.0 <= video["video_top1"] <= 1.0
