@@ -367,7 +367,7 @@ def run(params: PoseDataParams, *, video_dir: Path, skeleton_dir: Path, out_dir:
         for row, arrays in tqdm(_results(pairs, params), total=len(pairs), desc="pose_data", unit="video"):
             _describe(row, len(rows))
             rows.append(row)
-            if arrays is None:
+            if arrays is None or row["status"] != "ok":  # e.g. a video whose name is not NTU's
                 continue
             if not frames and len(arrays["frames"]):
                 hf = arrays["frames"].shape[1]

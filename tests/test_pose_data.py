@@ -122,11 +122,17 @@ def test_bad_pairs_are_rejected_with_reasons_and_the_rest_kept(pose_pairs, tmp_p
     (tmp_path / "raw" / "S001C001P099R001A008.skeleton").write_bytes(b"3\r\n")
     (tmp_path / "raw" / f"{broken}.skeleton").write_bytes(b"garbage\r\n")
     (videos / "S001C002P098R001A008_rgb.avi").write_bytes(good[1].read_bytes())  # no .skeleton at all
+    (videos / "clip_rgb.avi").write_bytes(good[2].read_bytes())  # a readable pair, but not an NTU name
+    shutil.copy(
+        root / "raw" / good[2].name.replace("_rgb.avi", ".skeleton"), tmp_path / "raw" / "clip.skeleton"
+    )
     summary = pose_data.run(PARAMS, video_dir=videos, skeleton_dir=tmp_path / "raw", out_dir=tmp_path / "out")
     rejected = summary["rejected"]
-    assert set(rejected) == {broken, "S001C001P099R001A008", "S001C002P098R001A008"}
-    assert "no_skeleton" in rejected["S001C002P098R001A008"]
+    assert set(rejected) == {broken, "S001C001P099R001A008", "S001C002P098R001A008", "clip"}
+    assert "no_skeleton" in rejected["S001C002P098R001A008"] and "bad_name" in rejected["clip"]
     assert summary["videos_ok"] == len(good) - 1
+    rows = pq.read_table(tmp_path / "out" / "videos.parquet").to_pylist()
+    assert summary["crops"] == sum(r["crops"] for r in rows if r["status"] == "ok")  # nothing kept of "clip"
 
 
 def test_params_are_checked():
