@@ -26,6 +26,8 @@ TEST_SETTINGS = {
     "top_k": 5,
     "api_key": None,
     "model_uri": None,
+    # no pose export unless a test passes one: never the working tree's data/export_pose
+    "pose_dir": Path("/nonexistent/export_pose"),
 }
 
 

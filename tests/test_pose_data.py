@@ -16,6 +16,7 @@ from models.pose_geometry import Camera, solve_translation
 from models.skeleton import SPINE_MIDDLE
 from stages import pose_data, train_pose
 from stages import render as render_stage
+from stages.ntu_files import NTU120_XSUB_TRAIN_SUBJECTS
 from stages.pose_dataset import AugmentParams, CropDataset, load_split
 from stages.skeleton_text import parse_skeleton
 from stages.synthesize import SynthesizeParams
@@ -196,3 +197,30 @@ def test_train_pose_runs_reports_and_resumes_exactly(pose_pairs, tmp_path, monke
     resumed = load_checkpoint(other / "last.pt")["model"]
     for key, value in ckpt["model"].items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_evaluate_video_scores_held_out_videos_both_ways(pose_pairs, tiny_bundle, tmp_path_factory, tmp_path):
+    """The untrained pose export (its detector always fires) through the video path, beside the files."""
+    from stages import evaluate_video
+    from tests.pose_helpers import pose_export
+
+    root, _ = pose_pairs
+    pose_dir = pose_export(tmp_path_factory).dir
+    params = evaluate_video.EvaluateVideoParams(videos_per_class=1, threads=1)
+    metrics = evaluate_video.run(params, video_dir=root / "rgb", skeleton_dir=root / "raw", pose_dir=pose_dir,
+                                 bundle_dir=tiny_bundle.bundle_dir, out_dir=tmp_path / "a")  # fmt: skip
+    rows = (tmp_path / "a" / "per_video.csv").read_text().splitlines()
+    assert metrics["videos"] == len(rows) - 1 == 2  # one held-out video per class (8 and 50)
+    assert all(r.split(",")[1] in ("8", "50") for r in rows[1:])
+    assert 0.0 <= metrics["video_top1"] <= 1.0 and 0.0 <= metrics["skeleton_top1"] <= 1.0
+    assert 0.0 <= metrics["pck@0.2"] <= metrics["pck@0.5"] <= 1.0 and metrics["frames"] > 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["videos"] == 2
+    # only training performers' videos: nothing to measure, reported as such rather than failing
+    train_only = tmp_path / "train_only"
+    train_only.mkdir()
+    for video in (root / "rgb").glob("*_rgb.avi"):
+        if int(video.name[9:12]) in NTU120_XSUB_TRAIN_SUBJECTS:
+            shutil.copy(video, train_only / video.name)
+    empty = evaluate_video.run(params, video_dir=train_only, skeleton_dir=root / "raw", pose_dir=pose_dir,
+                               bundle_dir=tiny_bundle.bundle_dir, out_dir=tmp_path / "b")  # fmt: skip
+    assert empty["videos"] == 0 and empty["video_top1"] == 0.0

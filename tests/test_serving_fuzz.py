@@ -26,6 +26,7 @@ from schemathesis.specs.openapi.checks import (
 
 from serving.app import create_app
 from serving.settings import Settings
+from tests.pose_helpers import pose_export
 
 CHECKS = [
     not_a_server_error,
@@ -40,8 +41,13 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Settings(api
 
 
 @pytest.fixture(scope="module")
-def fuzzed_app(tiny_bundle):
-    yield create_app(Settings(bundle_dir=tiny_bundle.bundle_dir, api_key=None, max_frames=300, max_batch=4))
+def fuzzed_app(tiny_bundle, tmp_path_factory):
+    pose_dir = pose_export(tmp_path_factory).dir  # the video route fuzzed with a pose model loaded
+    yield create_app(
+        Settings(
+            bundle_dir=tiny_bundle.bundle_dir, pose_dir=pose_dir, api_key=None, max_frames=300, max_batch=4
+        )
+    )
     asgi.shutdown_lifespans()
 
 
