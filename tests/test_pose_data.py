@@ -17,6 +17,7 @@ from models.skeleton import SPINE_MIDDLE
 from stages import pose_data, train_pose
 from stages import render as render_stage
 from stages.ntu_files import NTU120_XSUB_TRAIN_SUBJECTS
+from stages.params import ParamsError
 from stages.pose_dataset import AugmentParams, CropDataset, load_split
 from stages.skeleton_text import parse_skeleton
 from stages.synthesize import SynthesizeParams
@@ -137,9 +138,9 @@ def test_bad_pairs_are_rejected_with_reasons_and_the_rest_kept(pose_pairs, tmp_p
 
 
 def test_params_are_checked():
-    with pytest.raises(Exception, match="crop_size"):
+    with pytest.raises(ParamsError, match="crop_size"):
         dataclasses.replace(PARAMS, crop_size=100).validate()
-    with pytest.raises(Exception, match="frame_every"):
+    with pytest.raises(ParamsError, match="frame_every"):
         dataclasses.replace(PARAMS, frame_every=0).validate()
 
 
