@@ -10,9 +10,14 @@ convolutions down, 1x1 convolution + nearest upsampling up). Two heads read it:
   (trained against gaussians peaking at 1) and VNect-style location maps (X, Y, Z per joint,
   root-relative metres). A soft-argmax (integral regression) over ``beta * heatmap`` gives
   differentiable 2D coordinates, and its per-joint weights read the location maps out into 3D joints.
-- people (:meth:`PoseEstimator.detect`, on full frames): CenterNet-style heads on the fused 1/8 branch
+- people (:meth:`PoseEstimator.detect`, on full frames): CenterNet-style heads on a fused 1/8 branch
   give a person-centre heatmap, box sizes and sub-cell offsets; :func:`decode_people` finds up to K
-  people with a 3x3 max-pool NMS.
+  people with a 3x3 max-pool NMS. By default (``PoseConfig.detector = "separate"``) that branch is a
+  small 2-branch HRNet of its own, as top-down pose systems pair a keypoint network with a detector:
+  sharing the keypoint backbone let the frame-level gradients and BN statistics compete with the
+  keypoints' (training the small model with one detector frame per step instead of four, so noisier
+  person gradients, cost 0.07-0.12 held-out PCK@0.2 at equal epochs), and the own backbone makes a
+  detector step 3.4x cheaper. ``"shared"`` keeps one network.
 
 Conventions (every function here uses them):
 
@@ -65,6 +70,11 @@ class PoseConfig:
     stage_modules: tuple[int, ...] = (1, 4, 3)  # modules per stage; stage s runs branches 0..s+1
     stage_blocks: tuple[int, ...] = (4, 4, 4)  # basic blocks per branch in each module of a stage
     detect_width: int = 64  # hidden channels of each CenterNet head
+    # "separate": the person heads read their own 2-branch HRNet (widths ``detect_widths``) so the
+    # frame-level task does not share weights or BN statistics with the keypoints; "shared": they read
+    # the keypoint backbone's 1/8 branch (one network, but its gradients compete with the keypoints')
+    detector: str = "separate"
+    detect_widths: tuple[int, int] = (32, 64)
     input_size: tuple[int, int] = (256, 256)  # (H, W) of the person crops the model is trained on
     sigma: float = 2.0  # std of the gaussian heatmap targets, heatmap pixels
     beta: float = 16.0  # soft-argmax sharpness for heatmaps peaking at 1 (suits sigma 2: < 0.03 px bias)
@@ -78,13 +88,40 @@ class PoseConfig:
                 f"PoseConfig: stage_modules and stage_blocks need one entry per added branch ({stages}); "
                 f"got {len(self.stage_modules)} and {len(self.stage_blocks)}"
             )
-        counts = (self.stem_width, *self.widths, *self.stage_modules, *self.stage_blocks, self.detect_width)
+        if self.detector not in ("separate", "shared") or len(self.detect_widths) != 2:
+            raise ValueError(
+                f"PoseConfig: detector must be 'separate' or 'shared' (got {self.detector!r}) and "
+                f"detect_widths two widths (got {self.detect_widths})"
+            )
+        counts = (
+            self.stem_width,
+            *self.widths,
+            *self.stage_modules,
+            *self.stage_blocks,
+            self.detect_width,
+            *self.detect_widths,
+        )
         if min(counts) < 1 or self.stem_blocks < 0:
             raise ValueError("PoseConfig: widths, modules and blocks must be positive")
         if any(s % self.input_multiple for s in self.input_size):
             raise ValueError(
                 f"PoseConfig: input_size {self.input_size} must be multiples of {self.input_multiple}"
             )
+
+    def detector_config(self) -> PoseConfig:
+        """The separate detector's backbone: a stem, one bottleneck and one 2-branch module."""
+        w0, w1 = self.detect_widths
+        return PoseConfig(
+            stem_width=w0,
+            stem_blocks=1,
+            widths=(w0, w1),
+            stage_modules=(1,),
+            stage_blocks=(2,),
+            detect_width=self.detect_width,
+            detector="shared",
+            detect_widths=self.detect_widths,
+            input_size=(64, 64),  # unused: frames only need H and W multiples of 8
+        )
 
     @property
     def input_multiple(self) -> int:
@@ -96,6 +133,7 @@ class PoseConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PoseConfig:
+        d = {"detector": "shared", **d}  # configs saved before the field existed had shared heads
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -109,6 +147,7 @@ POSE_SIZES = {
         stage_modules=(1, 2),
         stage_blocks=(2, 1),
         detect_width=32,
+        detect_widths=(16, 32),
         input_size=(128, 128),
     ),
 }
@@ -297,6 +336,10 @@ class PoseEstimator(nn.Module):
         self.cfg = cfg
         c0, c1 = cfg.widths[0], cfg.widths[1]
         self.backbone = HRNetBackbone(cfg)
+        self.detect_backbone = None  # "shared": the person heads read self.backbone
+        if cfg.detector == "separate":
+            self.detect_backbone = HRNetBackbone(cfg.detector_config())
+            c1 = cfg.detect_widths[1]
         self.heatmap_head = nn.Conv2d(c0, NUM_JOINTS, 1)  # HRNet's final layer
         self.location_head = nn.Sequential(_conv_bn(c0, c0), nn.Conv2d(c0, 3 * NUM_JOINTS, 1))
         self.centre_head = _head(c1, cfg.detect_width, 1)
@@ -321,7 +364,7 @@ class PoseEstimator(nn.Module):
     def detect(self, frames: torch.Tensor) -> DetectOutputs:
         """Normalised full frames ``(N, 3, H, W)`` -> :class:`DetectOutputs` at ``H/8, W/8``."""
         _check_images(frames, self.cfg.input_multiple)
-        features = self.backbone(frames, branch=1)  # N, C1, H/8, W/8
+        features = (self.detect_backbone or self.backbone)(frames, branch=1)  # N, C1, H/8, W/8
         logits = self.centre_head(features)  # N, 1, H/8, W/8
         return DetectOutputs(
             torch.sigmoid(logits), self.size_head(features), self.offset_head(features), logits

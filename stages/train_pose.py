@@ -40,6 +40,7 @@ from tqdm import tqdm
 from models.pose import (
     PoseConfig,
     PoseEstimator,
+    PoseLossWeights,
     centre_targets,
     decode_people,
     detect_loss,
@@ -83,6 +84,8 @@ class TrainPoseParams:
 
     recipe: Recipe
     augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
+    loss: PoseLossWeights = dataclasses.field(default_factory=PoseLossWeights)
+    sigma: float = 2.0  # heatmap targets' std, heatmap pixels (1/4 of the crop's)
     model: Literal["small", "full"] = "small"
     benchmark: str = "ntu120_xsub"  # its test half (held-out performers) is the evaluation set
     frame_batch_size: int = 8  # detector frames per step, beside recipe.batch_size crops
@@ -124,7 +127,9 @@ def boxes_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
 
 
-def train_step_losses(model: PoseEstimator, detect, crops, frames, cfg: PoseConfig, rt: training.Runtime):
+def train_step_losses(
+    model: PoseEstimator, detect, crops, frames, cfg: PoseConfig, rt: training.Runtime, weights: PoseLossWeights
+):
     """The keypoint and detection losses of one step (``detect``: the maybe-compiled ``model.detect``)."""
     images, uv, xyz, vis = (t.to(rt.device, non_blocking=True) for t in crops)
     frame_images, boxes = (t.to(rt.device, non_blocking=True) for t in frames)
@@ -133,14 +138,15 @@ def train_step_losses(model: PoseEstimator, detect, crops, frames, cfg: PoseConf
         out = model(x)
         det = detect(fx)
     out, det = _float(out), _float(det)
-    kp = pose_loss(out, pose_targets(uv, vis, cfg, xyz, input_size=tuple(x.shape[2:])))
+    kp = pose_loss(out, pose_targets(uv, vis, cfg, xyz, input_size=tuple(x.shape[2:])), weights)
     targets = centre_targets(boxes_xyxy_to_cxcywh(boxes), tuple(det.centre.shape[2:]))
     dl = detect_loss(det, targets)
     return kp["total"], dl["total"]
 
 
 def train_one_epoch(
-    model, detect, crop_loader, frame_iter, optimizer, *, recipe, rt, cfg, step, steps_per_epoch, ema, desc
+    model, detect, crop_loader, frame_iter, optimizer, *, recipe, rt, cfg, step, steps_per_epoch, ema, desc,
+    loss_weights: PoseLossWeights,
 ) -> tuple[dict, int]:
     model.train()
     totals = np.zeros(4)  # keypoint loss sum, detect loss sum, batches, crops
@@ -149,7 +155,7 @@ def train_one_epoch(
     for crops in bar:
         for group in optimizer.param_groups:
             group["lr"] = training.lr_at(recipe, step, steps_per_epoch)
-        kp, dl = train_step_losses(model, detect, crops, next(frame_iter), cfg, rt)
+        kp, dl = train_step_losses(model, detect, crops, next(frame_iter), cfg, rt, loss_weights)
         loss = kp + dl
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite pose loss at step {step}; lower the learning rate")
@@ -274,7 +280,7 @@ def run(
             f"cannot fill one batch ({recipe.batch_size} / {params.frame_batch_size})"
         )
     size = train.crops.shape[1]
-    cfg = pose_config_for(params.model, input_size=(size, size))
+    cfg = pose_config_for(params.model, input_size=(size, size), sigma=params.sigma)
     resolved = {"train_pose": dataclasses.asdict(params), "model": cfg.to_dict(), "crops": len(train.crops)}
     run_id = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -355,6 +361,7 @@ def run(
             steps_per_epoch=steps_per_epoch,
             ema=ema,
             desc=f"pose {epoch + 1}/{recipe.epochs}",
+            loss_weights=params.loss,
         )
         row = {"epoch": epoch + 1, "lr": lr, **stats}
         last = epoch + 1 == recipe.epochs

@@ -25,6 +25,7 @@ TINY_POSE = PoseConfig(
     stage_modules=(1,),
     stage_blocks=(1,),
     detect_width=8,
+    detect_widths=(8, 16),
     input_size=(64, 64),
 )
 CENTRE_LOGIT = 3.0  # sigmoid 0.953 in every cell: a person is "found" at the default threshold 0.3

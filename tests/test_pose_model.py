@@ -47,8 +47,8 @@ from models.pose import (
 from models.skeleton import FLIP_INDEX, JOINT_NAMES, NUM_JOINTS
 from stages.export import graph_report
 
-SMALL_PARAMETERS = 428_297
-FULL_PARAMETERS = 28_702_633
+SMALL_PARAMETERS = 515_449  # 87,152 of them the person detector's own backbone
+FULL_PARAMETERS = 29_048_457  # 345,824 of them the person detector's own backbone
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_small_config_shapes_and_size(one_thread):
 def test_full_config_is_near_hrnet_w32(one_thread):
     cfg = pose_config_for("full")
     model = PoseEstimator(cfg).eval()
-    assert count_parameters(model) == FULL_PARAMETERS  # HRNet-W32 (pose): 28.5 M
+    assert count_parameters(model) == FULL_PARAMETERS  # HRNet-W32 (pose): 28.5 M, + heads and detector
     assert cfg.widths == (32, 64, 128, 256) and cfg.input_multiple == 32
     with torch.no_grad():
         out = model(torch.randn(1, 3, 256, 256))
@@ -132,6 +132,28 @@ def test_config_round_trips_and_rejects_bad_values():
         PoseConfig(stage_modules=(1, 4))
     with pytest.raises(ValueError, match="multiples of 32"):
         PoseConfig(input_size=(256, 200))
+    with pytest.raises(ValueError, match="'separate' or 'shared'"):
+        PoseConfig(detector="both")
+    # a config saved before the detector had its own backbone loads as the shared one it was
+    old = {k: v for k, v in pose_config_for("small").to_dict().items() if k not in ("detector", "detect_widths")}
+    assert PoseConfig.from_dict(old).detector == "shared"
+
+
+@pytest.mark.parametrize("detector", ["separate", "shared"])
+def test_detector_backbone_is_separate_or_shared(one_thread, detector):
+    """The person loss reaches the keypoint backbone only when the heads share it."""
+    torch.manual_seed(0)
+    model = PoseEstimator(pose_config_for("small", input_size=(64, 64), detector=detector))
+    det = model.detect(torch.randn(1, 3, 64, 96))
+    assert det.centre.shape == (1, 1, 8, 12)
+    det.centre_logits.sum().backward()
+    keypoint_grads = [p.grad for p in model.backbone.parameters()]
+    if detector == "separate":
+        assert all(g is None for g in keypoint_grads)
+        assert all(p.grad is not None for p in model.detect_backbone.stem.parameters())
+    else:
+        assert model.detect_backbone is None
+        assert any(g is not None and g.abs().sum() > 0 for g in keypoint_grads)
 
 
 def test_images_of_the_wrong_shape_are_rejected():
@@ -390,6 +412,7 @@ def test_tiny_model_overfits_four_crops(one_thread):
         stage_modules=(1,),
         stage_blocks=(1,),
         detect_width=8,
+        detect_widths=(8, 16),
         input_size=(64, 64),
     )
     coords = random_coords(4, 6.0, 58.0, seed=7)
