@@ -47,7 +47,7 @@ from models.pose import (
 from models.skeleton import FLIP_INDEX, JOINT_NAMES, NUM_JOINTS
 from stages.export import graph_report
 
-SMALL_PARAMETERS = 515_449  # 87,152 of them the person detector's own backbone
+SMALL_PARAMETERS = 801_769  # 345,824 of them the person detector's own backbone
 FULL_PARAMETERS = 29_048_457  # 345,824 of them the person detector's own backbone
 
 
