@@ -128,7 +128,13 @@ def boxes_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def train_step_losses(
-    model: PoseEstimator, detect, crops, frames, cfg: PoseConfig, rt: training.Runtime, weights: PoseLossWeights
+    model: PoseEstimator,
+    detect,
+    crops,
+    frames,
+    cfg: PoseConfig,
+    rt: training.Runtime,
+    weights: PoseLossWeights,
 ):
     """The keypoint and detection losses of one step (``detect``: the maybe-compiled ``model.detect``)."""
     images, uv, xyz, vis = (t.to(rt.device, non_blocking=True) for t in crops)
@@ -145,7 +151,19 @@ def train_step_losses(
 
 
 def train_one_epoch(
-    model, detect, crop_loader, frame_iter, optimizer, *, recipe, rt, cfg, step, steps_per_epoch, ema, desc,
+    model,
+    detect,
+    crop_loader,
+    frame_iter,
+    optimizer,
+    *,
+    recipe,
+    rt,
+    cfg,
+    step,
+    steps_per_epoch,
+    ema,
+    desc,
     loss_weights: PoseLossWeights,
 ) -> tuple[dict, int]:
     model.train()

@@ -135,7 +135,9 @@ def test_config_round_trips_and_rejects_bad_values():
     with pytest.raises(ValueError, match="'separate' or 'shared'"):
         PoseConfig(detector="both")
     # a config saved before the detector had its own backbone loads as the shared one it was
-    old = {k: v for k, v in pose_config_for("small").to_dict().items() if k not in ("detector", "detect_widths")}
+    old = {
+        k: v for k, v in pose_config_for("small").to_dict().items() if k not in ("detector", "detect_widths")
+    }
     assert PoseConfig.from_dict(old).detector == "shared"
 
 
