@@ -109,6 +109,8 @@ class TrainPoseParams:
             raise ParamsError(
                 "params.yaml [train_pose]: frame_batch_size >= 1; workers, threads, eval_every >= 0"
             )
+        if self.sigma <= 0 or min(dataclasses.astuple(self.loss)) < 0:
+            raise ParamsError("params.yaml [train_pose]: sigma > 0 and loss weights >= 0")
 
 
 def _cycle(loader: DataLoader) -> Iterator:

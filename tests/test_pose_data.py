@@ -12,6 +12,7 @@ import pytest
 import torch
 import zarr
 
+from models.pose import PoseLossWeights
 from models.pose_geometry import Camera, solve_translation
 from models.skeleton import SPINE_MIDDLE
 from stages import pose_data, train_pose
@@ -142,6 +143,13 @@ def test_params_are_checked():
         dataclasses.replace(PARAMS, crop_size=100).validate()
     with pytest.raises(ParamsError, match="frame_every"):
         dataclasses.replace(PARAMS, frame_every=0).validate()
+    train = train_pose.TrainPoseParams(
+        recipe=Recipe(optimizer="adamw", lr=0.003, weight_decay=0.0, batch_size=8, epochs=1)
+    )
+    train.validate()
+    for bad in (dict(sigma=0.0), dict(loss=PoseLossWeights(coords=-1.0))):
+        with pytest.raises(ParamsError, match="sigma > 0 and loss weights"):
+            dataclasses.replace(train, **bad).validate()
 
 
 def test_augmented_crops_keep_labels_on_the_body(pose_pairs):
