@@ -86,12 +86,18 @@ class Tracker:
     two people, so exhaustive search is exact and cheap). A box too far from every slot (cost above
     ``max_cost``) takes a free slot, or the one unseen longest; a slot unseen for ``max_age`` frames is
     freed. The first frame fills the slots left to right, so the person on the left starts in slot 0.
+
+    ``ids`` names the track in each slot after an update (-1: never used): a box that continues its
+    slot's last box keeps the id, one that starts a free slot or takes over a slot starts a new id, as
+    a Kinect body ID does (so :func:`stages.denoise.actor_records` can choose actors among tracks).
     """
 
     def __init__(self, slots: int = 2, max_cost: float = 1.5, max_age: int = 30):
         self.slots, self.max_cost, self.max_age = slots, max_cost, max_age
         self.boxes: list[np.ndarray | None] = [None] * slots
         self.age = [0] * slots
+        self.ids = [-1] * slots
+        self._next_id = 0
 
     def _cost(self, slot: int, box: np.ndarray) -> float:
         last = self.boxes[slot]
@@ -119,6 +125,9 @@ class Tracker:
                 cost = sum(self._cost(s, b) for s, b in zip(perm, boxes, strict=True))
                 if cost < best:
                     best, slots = cost, list(perm)
+        for s, b in sorted(zip(slots, boxes, strict=True), key=lambda p: p[0]):  # new ids in slot order
+            if self.boxes[s] is None or self._cost(s, b) >= self.max_cost:  # not a continuation
+                self.ids[s], self._next_id = self._next_id, self._next_id + 1
         for s in range(self.slots):
             self.age[s] += 1
         for s, b in zip(slots, boxes, strict=True):

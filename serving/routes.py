@@ -298,10 +298,10 @@ async def predict_video(
             video.skeleton_from_upload, upload.file, pose, options, limiter=service.video_limiter
         )
     pose_ms = (time.perf_counter() - started) * 1000
-    spans, prepared, counts = await run_in_threadpool(
+    inputs = await run_in_threadpool(
         video.window_clips, skeleton.joints, model, options.window, options.stride
     )
-    predictions = await service.predict(prepared, counts)
+    predictions = inputs.choose(await service.predict(inputs.prepared, inputs.counts))
     actions_ms = (time.perf_counter() - started) * 1000 - pose_ms
     total_ms = (time.perf_counter() - received) * 1000
     return VideoResponse(
@@ -315,7 +315,7 @@ async def predict_video(
         frames_with_people=skeleton.frames_with_people,
         windows=[
             VideoWindow(start=start, end=end, prediction=p)
-            for (start, end), p in zip(spans, predictions, strict=True)
+            for (start, end), p in zip(inputs.spans, predictions, strict=True)
         ],
         timing=VideoTiming(
             pose_ms=round(pose_ms, 1),

@@ -162,37 +162,66 @@ def _place(out: np.ndarray, raw_values: np.ndarray, body: _Body, actor: int) -> 
     out[body.start : body.end + 1, :, :, actor] = raw_values[body.records]
 
 
-def select_actors(raw: RawSkeleton) -> Selection:
-    """Denoise the bodies of ``raw`` and return at most two actors (see the module docstring)."""
+@dataclass
+class _Assignment:
+    bodies: list[_Body]  # every body of the file, in order of first appearance
+    num_frames: int  # frames with at least one body
+    actors: list[list[_Body]]  # MAX_ACTORS lists: the bodies placed in each actor's slot
+    dropped_by_length: int = 0
+    dropped_by_spread: int = 0
+    dropped_by_overlap: int = 0
+
+
+def _assign(raw: RawSkeleton) -> _Assignment:
+    """Steps 2 and 3 of the module docstring: which bodies become actor 1 and actor 2."""
     if raw.body_ids.size == 0:
         raise DenoiseError("no_body", f"no body in any of the {raw.declared_frames} frames")
     bodies, num_frames = _group_bodies(raw)
-    values = raw.values  # R, 25, 7
-    out = np.zeros((num_frames, NUM_JOINTS, values.shape[2], MAX_ACTORS), dtype=np.float32)
-    by_length = by_spread = by_overlap = 0
-    actors_kept = 1
     if len(bodies) == 1:
-        _place(out, values, bodies[0], 0)
-    else:
-        ranked, by_length, by_spread = _denoise(raw, bodies)
-        actor1, rest = ranked[0], ranked[1:]
-        _place(out, values, actor1, 0)
-        start1, end1 = actor1.start, actor1.end
-        interval2: tuple[int, int] | None = None  # actor 2 starts empty (see the module docstring)
-        for body in rest:
-            if min(end1, body.end) - max(start1, body.start) <= 0:  # no overlap with actor 1
-                _place(out, values, body, 0)
-                start1, end1 = min(body.start, start1), max(body.end, end1)
-            elif interval2 is None or min(interval2[1], body.end) - max(interval2[0], body.start) <= 0:
-                _place(out, values, body, 1)
-                interval2 = (
-                    (body.start, body.end)
-                    if interval2 is None
-                    else (min(body.start, interval2[0]), max(body.end, interval2[1]))
-                )
-            else:
-                by_overlap += 1
-        actors_kept = 1 + (interval2 is not None)
+        return _Assignment(bodies, num_frames, [[bodies[0]], []])
+    ranked, by_length, by_spread = _denoise(raw, bodies)
+    actor1, rest = ranked[0], ranked[1:]
+    out = _Assignment(bodies, num_frames, [[actor1], []], by_length, by_spread)
+    start1, end1 = actor1.start, actor1.end
+    interval2: tuple[int, int] | None = None  # actor 2 starts empty (see the module docstring)
+    for body in rest:
+        if min(end1, body.end) - max(start1, body.start) <= 0:  # no overlap with actor 1
+            out.actors[0].append(body)
+            start1, end1 = min(body.start, start1), max(body.end, end1)
+        elif interval2 is None or min(interval2[1], body.end) - max(interval2[0], body.start) <= 0:
+            out.actors[1].append(body)
+            interval2 = (
+                (body.start, body.end)
+                if interval2 is None
+                else (min(body.start, interval2[0]), max(body.end, interval2[1]))
+            )
+        else:
+            out.dropped_by_overlap += 1
+    return out
+
+
+def actor_records(raw: RawSkeleton) -> list[np.ndarray]:
+    """Record indices (into ``raw``'s arrays, ascending) of actor 1 and actor 2 (empty when there is
+    none): the records :func:`select_actors` places, without moving any frame. For labelling each frame
+    of a video with its actors (the video path's people are bodies tracked by :mod:`serving.video`)."""
+    out = []
+    for bodies in _assign(raw).actors:
+        placed: dict[int, int] = {}  # output frame -> record; a later body overwrites, as _place does
+        for body in bodies:
+            placed.update(zip(range(body.start, body.end + 1), body.records.tolist(), strict=True))
+        out.append(np.array(sorted(placed.values()), np.int64))
+    return out
+
+
+def select_actors(raw: RawSkeleton) -> Selection:
+    """Denoise the bodies of ``raw`` and return at most two actors (see the module docstring)."""
+    a = _assign(raw)
+    values = raw.values  # R, 25, 7
+    out = np.zeros((a.num_frames, NUM_JOINTS, values.shape[2], MAX_ACTORS), dtype=np.float32)
+    for actor, bodies in enumerate(a.actors):
+        for body in bodies:
+            _place(out, values, body, actor)
+    if len(a.bodies) > 1:
         # Drop frames where both actors are empty (the reference's remove_missing_frames).
         xyz_sum = out[:, :, 0:3, :].sum(axis=(1, 2, 3))
         out = out[xyz_sum != 0]
@@ -202,9 +231,9 @@ def select_actors(raw: RawSkeleton) -> Selection:
     return Selection(
         joints=np.ascontiguousarray(out[0:3]),
         colors=np.ascontiguousarray(out[5:7]),
-        bodies_seen=len(bodies),
-        actors_kept=actors_kept,
-        dropped_by_length=by_length,
-        dropped_by_spread=by_spread,
-        dropped_by_overlap=by_overlap,
+        bodies_seen=len(a.bodies),
+        actors_kept=1 + bool(a.actors[1]),
+        dropped_by_length=a.dropped_by_length,
+        dropped_by_spread=a.dropped_by_spread,
+        dropped_by_overlap=a.dropped_by_overlap,
     )

@@ -5,8 +5,9 @@
 
 For the videos of the held-out performers (the test half of ``evaluate_video.benchmark``), each video
 goes through the service's video path (:mod:`serving.video`: decode, detect, crop, estimate, track,
-lift to camera space) into the exported action model, and beside it the same sample's ground-truth
-``.skeleton`` file goes through the service's file path into the same model. The metrics:
+lift to camera space, choose the actors) into the exported action model as one window, and beside it
+the same sample's ground-truth ``.skeleton`` file goes through the service's file path into the same
+model. The metrics:
 
 - ``video_top1`` and ``skeleton_top1`` over the same videos, and their gap in points;
 - ``pck@0.2`` / ``pck@0.5`` of the video path's 2D joints against the file's colour joints, over every
@@ -33,7 +34,7 @@ from serving.model import load as load_action_model
 from serving.pose_runtime import PoseRuntime
 from serving.service import summarise_scores
 from serving.settings import Settings
-from serving.video import VideoError, VideoOptions, skeleton_from_file
+from serving.video import VideoError, VideoOptions, skeleton_from_file, skeleton_to_actions
 from stages import ntu_files
 from stages.denoise import real_bodies
 from stages.errors import RejectedInput
@@ -176,7 +177,8 @@ def run(
             continue
         seconds += time.perf_counter() - start
         frames += skeleton.frames
-        row["video_pred"] = top1(model, skeleton.joints)
+        (whole,) = skeleton_to_actions(skeleton.joints, model, window=0, top=1)  # as the service scores it
+        row["video_pred"] = int(whole.prediction.top[0].id)
         errors = pose_errors(data, skeleton.joints2d, skeleton.joints, skeleton.present, skeleton.size)
         for k, v in errors.items():
             totals[k] = totals.get(k, 0) + v

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.denoise import DenoiseError, select_actors
+from stages.denoise import DenoiseError, actor_records, select_actors
 from stages.skeleton_text import format_skeleton, parse_skeleton
 from tests.factory import FLAT, STANDING, as_written, body, moving
 
@@ -178,3 +178,24 @@ def test_matches_the_ctrgcn_reference_on_random_files():
         outcomes["actor2_differs"] += not np.array_equal(got, original)
     assert outcomes["same"] > 200 and outcomes["rejected"] > 0
     assert 0 < outcomes["actor2_differs"] < 0.2 * outcomes["same"]  # the documented deviation, rarely
+
+
+def test_actor_records_are_the_bodies_select_actors_places():
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(100):
+        raw = parse_skeleton(random_multi_body_file(rng))
+        try:
+            chosen = select_actors(raw)
+        except DenoiseError:
+            with pytest.raises(DenoiseError):
+                actor_records(raw)
+            continue
+        records = actor_records(raw)
+        assert len(records) == 2 and not set(records[0].tolist()) & set(records[1].tolist())
+        for actor in range(2):
+            placed = chosen.joints[..., actor].transpose(1, 2, 0)  # T, 25, 3
+            placed = placed[placed.any(axis=(1, 2))]  # the actor's frames, in order
+            np.testing.assert_array_equal(placed, raw.joints[np.sort(records[actor])])
+        checked += 1
+    assert checked > 50

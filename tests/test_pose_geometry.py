@@ -65,6 +65,23 @@ def test_tracker_keeps_slots_through_crossing_and_misses():
     for _ in range(3):
         assert tracker.update(box(300)[None]) == [0]
     assert tracker.update(np.stack([box(312), box(300)])) == [1, 0]
+    assert tracker.ids == [0, 1]  # the same two tracks all along
+
+
+def test_tracker_starts_a_new_track_id_for_a_new_person():
+    tracker = Tracker(max_age=2)
+    near = np.array([100, 100, 200, 300.0])
+    assert tracker.ids == [-1, -1]
+    tracker.update(near[None])
+    assert tracker.ids == [0, -1]
+    tracker.update(np.stack([near + 3, near + np.array([900, 0, 900, 0])]))  # a second person arrives
+    assert tracker.ids == [0, 1]
+    tracker.update(np.stack([near + 6, near + np.array([450, 0, 450, 0])]))  # slot 1 taken by a far box
+    assert tracker.ids == [0, 2]
+    for _ in range(3):  # slot 0 unseen beyond max_age: freed
+        tracker.update((near + np.array([450, 0, 450, 0]))[None])
+    tracker.update(np.stack([near + np.array([450, 0, 450, 0]), near]))
+    assert tracker.ids == [3, 2]  # the returning person is a new track; the other continues
 
 
 def test_tracker_gives_a_new_far_person_a_free_slot():

@@ -21,6 +21,7 @@ from serving import video
 from serving.app import create_app
 from serving.pose_runtime import PoseRuntime
 from serving.schemas import ClassScore, Prediction
+from stages.ntu_files import MUTUAL_ACTIONS
 from tests.pose_helpers import pose_export, stick_figure_frames, write_video
 from tests.serving_helpers import Reference, as_clip, raw_files, serving, settings_for, softmax
 
@@ -125,8 +126,8 @@ def _draw_person(image, camera: Camera, root: np.ndarray) -> dict:
     return {"root2d": (u, v), "head2d": (u, vh), "box": (u - 12, vh - 4, u + 12, v + 25), "root": xyz}
 
 
-def test_geometry_chain_back_to_video_pixels_camera_space_and_stable_slots():
-    width, height, frames = 640, 360, 12  # letterboxed to 320 x 192: scale 0.5
+def test_geometry_chain_back_to_video_pixels_camera_space_and_actor_slots():
+    width, height, frames = 640, 360, 14  # letterboxed to 320 x 192: scale 0.5
     camera = Camera().scaled(width, height)
     images, truth = [], []
     for t in range(frames):
@@ -134,26 +135,45 @@ def test_geometry_chain_back_to_video_pixels_camera_space_and_stable_slots():
         people = {}
         if t != 5:  # the left person is hidden in frame 5
             people[0] = _draw_person(image, camera, np.array([-0.9 + 0.01 * t, 0.05, 3.0]))
-        people[1] = _draw_person(image, camera, np.array([0.8 - 0.01 * t, -0.1, 4.0]))
+        people[1] = _draw_person(image, camera, np.array([0.8 - 0.03 * t, -0.1, 4.0]))  # moves most
         images.append(image)
         truth.append(people)
     fake = BlobRuntime()
     skeleton = video.video_to_skeleton(iter(images), fake, min_frames=1)
 
-    assert [s[1:] for s in fake.frame_shapes] == [(192, 320, 3)] * 2  # letterboxed, 8 + 4 frames
+    assert [s[1:] for s in fake.frame_shapes] == [(192, 320, 3)] * 2  # letterboxed, 8 + 6 frames
     assert all(s[1:] == (64, 64, 3) for s in fake.crop_shapes)
     assert skeleton.frames == frames and skeleton.size == (width, height) and skeleton.people == 2
-    assert skeleton.present[:, 1].all() and skeleton.present[:, 0].sum() == frames - 1
+    slot_of = {1: 0, 0: 1}  # the person who moves most is actor 1 (slot 0), as in the file path
+    assert skeleton.present[:, 0].all() and skeleton.present[:, 1].sum() == frames - 1
     for t, people in enumerate(truth):
-        for slot, want in people.items():  # the left person stays in slot 0 though the order flips
+        for person, want in people.items():  # each person stays in one slot though the order flips
+            slot = slot_of[person]
             np.testing.assert_allclose(skeleton.joints2d[t, slot, SPINE_MIDDLE], want["root2d"], atol=0.3)
             np.testing.assert_allclose(skeleton.joints2d[t, slot, HEAD], want["head2d"], atol=0.3)
             np.testing.assert_allclose(skeleton.boxes[t, slot], want["box"], atol=1.5)  # via 1/2 scale
             root = skeleton.joints[:, t, SPINE_MIDDLE, slot]
             np.testing.assert_allclose(root, want["root"], atol=0.02)  # 3 or 4 m deep, within 2 cm
             np.testing.assert_allclose(skeleton.joints[:, t, HEAD, slot], root + UP, atol=1e-5)
-    assert not skeleton.joints[:, 5, :, 0].any() and not skeleton.joints2d[5, 0].any()  # empty: zeros
-    assert skeleton.scores[0, 0] in (np.float32(0.9), np.float32(0.6)) and skeleton.scores[5, 0] == 0
+    assert not skeleton.joints[:, 5, :, 1].any() and not skeleton.joints2d[5, 1].any()  # empty: zeros
+    assert skeleton.scores[0, 1] in (np.float32(0.9), np.float32(0.6)) and skeleton.scores[5, 1] == 0
+
+
+def test_a_short_false_track_is_dropped_and_the_person_is_actor_1():
+    """The failure the file path's body selection fixes: a false box in the first frames took slot 0
+    (the first frame fills slots left to right) and left the real person in slot 1 all video long."""
+    width, height, frames = 640, 360, 16
+    camera = Camera().scaled(width, height)
+    images = []
+    for t in range(frames):
+        image = np.zeros((height, width, 3), np.uint8)
+        if t < 3:  # a person-like blob on the left in frames 0-2 only
+            _draw_person(image, camera, np.array([-0.9, 0.05, 3.0]))
+        _draw_person(image, camera, np.array([0.8 - 0.02 * t, -0.1, 4.0]))
+        images.append(image)
+    skeleton = video.video_to_skeleton(iter(images), BlobRuntime(), min_frames=1)
+    assert skeleton.present[:, 0].all() and not skeleton.present[:, 1].any() and skeleton.people == 1
+    assert (skeleton.joints2d[:, 0, SPINE_MIDDLE, 0] > width / 2).all()  # the person on the right
 
 
 # ---- the exported (untrained) graphs on a drawn video ----------------------------------------------
@@ -171,13 +191,16 @@ def test_untrained_pose_graphs_give_skeletons_in_the_pipeline_layout(runtime, tm
         and skeleton.joints.dtype == np.float32
     )
     assert skeleton.joints2d.shape == (t, MAX_PERSONS, NUM_JOINTS, 2) and skeleton.boxes.shape == (t, 2, 4)
-    assert skeleton.present.all() and skeleton.people == 2  # the constant centre map: two people everywhere
-    assert (skeleton.joints[2] > 0).all() and np.isfinite(skeleton.joints).all()  # in front of the camera
+    # the constant centre map gives two boxes in every frame; actor 1 is in every frame, and the other
+    # track is actor 2 unless the file path's spread rule drops its (untrained, random) 3D joints
+    present = skeleton.present
+    assert present[:, 0].all() and skeleton.people in (1, 2) and present[:, 1].sum() in (0, t)
+    assert (skeleton.joints[2][:, :, present.any(0)] > 0).all() and np.isfinite(skeleton.joints).all()
     # every 2D joint lies inside its person's square crop, mapped back to video pixels
     centre = (skeleton.boxes[..., :2] + skeleton.boxes[..., 2:]) / 2  # T, 2, 2
     side = np.maximum((skeleton.boxes[..., 2:] - skeleton.boxes[..., :2]).max(-1), 8.0) * runtime.crop_margin
     offset = np.abs(skeleton.joints2d - centre[:, :, None]).max(-1)  # T, 2, 25
-    assert (offset <= side[..., None] / 2 + 1e-3).all()
+    assert (offset[present] <= side[present][:, None] / 2 + 1e-3).all()
     one = video.video_to_skeleton(stick_figure_frames(20), runtime, max_people=1)
     assert one.people == 1 and not one.joints[..., 1].any() and not one.present[:, 1].any()
 
@@ -234,7 +257,12 @@ def test_action_windows_cover_the_video():
     joints[:, 4] = 0  # nobody in frame 4
     x = video.window_joints(joints, 0, 6)
     assert x.shape == (3, 5, NUM_JOINTS, 2)  # frame 4 dropped
-    assert (x[:, :, 0, 0] == 1.0).all() and x[0, 1:3, 0, 1].tolist() == [2.0, 2.0]  # slot 1 is now actor 1
+    np.testing.assert_array_equal(x, joints[:, [0, 1, 2, 3, 5]])  # actor 1 (slot 0) stays first
+    x = video.window_joints(joints, 2, 6)
+    assert x.shape == (3, 3, NUM_JOINTS, 2)  # frames 2, 3, 5
+    assert (x[:, :, 0, 1] == 1.0).all() and x[0, :, 0, 0].tolist() == [2.0, 0.0, 0.0]  # actor 1: frame 2
+    x = video.window_joints(joints, 3, 6)  # actor 1 is not in frames 3-5: actor 2 moves up
+    assert (x[:, :, 0, 0] == 1.0).all() and not x[..., 1].any()
     assert video.window_joints(joints, 4, 5) is None
 
 
@@ -260,11 +288,36 @@ def test_skeleton_actions_are_the_served_models_predictions(tiny_bundle, action_
         video.skeleton_to_actions(np.zeros_like(joints), action_model)
 
 
+def test_a_second_person_counts_only_when_the_model_names_a_two_person_action(tiny_bundle, action_model):
+    one = raw_files(tiny_bundle)[8][1]  # a real one-person sequence (3, T, 25, 2)
+    t = one.shape[1]
+    pair = one.copy()
+    pair[..., 1] = one[..., 0] + np.array([0.8, 0.0, 0.3])[:, None, None]  # a second body beside it
+    inputs = video.window_clips(pair, action_model, 0, 0)
+    assert inputs.spans == [(0, t)] and inputs.pairs == [True] and inputs.counts == [t, t]
+    alone = video.window_clips(one, action_model, 0, 0)
+    assert alone.pairs == [False] and len(alone.prepared) == 1
+    np.testing.assert_array_equal(inputs.prepared[1], alone.prepared[0])  # the pair's actor 1 alone
+
+    solo, both = _prediction("alone"), _prediction("together", id=50)  # 50: punching (two-person)
+    assert inputs.choose([both, solo]) == [both]
+    assert inputs.choose([_prediction("together", id=27), solo]) == [solo]  # 27 (jump up): one person
+    assert alone.choose([both]) == [both]  # one actor: one input, taken as it is
+
+    reference = Reference(tiny_bundle, action_model.loader)
+    (whole,) = video.skeleton_to_actions(pair, action_model, window=0, top=1)
+    with_pair = softmax(reference.scores(pair)[0])
+    ids = [label["id"] for label in action_model.labels]
+    two_person = ids[int(np.argmax(with_pair))] in MUTUAL_ACTIONS
+    want = with_pair if two_person else softmax(reference.scores(one)[0])
+    np.testing.assert_allclose(whole.prediction.probabilities, want, atol=1e-5)
+
+
 # ---- the annotated video --------------------------------------------------------------------------
 
 
-def _prediction(name: str) -> Prediction:
-    top = [ClassScore(index=0, id=8, name=name, probability=0.9)]
+def _prediction(name: str, id: int = 8) -> Prediction:
+    top = [ClassScore(index=0, id=id, name=name, probability=0.9)]
     return Prediction(
         top=top, probabilities=[0.9, 0.1], scores=[1.0, 0.0], frames=4, clips=1, inference_ms=1.0
     )
@@ -321,13 +374,13 @@ def test_video_endpoint_names_the_actions_of_an_upload(client, clip_path, runtim
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["frames"], body["width"], body["height"], body["fps"]) == (40, 320, 180, 30.0)
-    assert (body["people"], body["frames_with_people"]) == (2, 40)
+    _, skeleton = video.skeleton_from_file(clip_path, runtime)  # the CLI's path gives the same answer
+    assert (body["people"], body["frames_with_people"]) == (skeleton.people, 40)
     assert body["pose_model"]["version"] == runtime.version and body["skeletons"] is None
     assert body["model"]["name"] == action_model.meta["name"]
     assert client.get("/v1/model").json()["runtime"]["video"]["version"] == runtime.version
     (window,) = body["windows"]
     assert (window["start"], window["end"]) == (0, 40) and len(window["prediction"]["top"]) == 3
-    _, skeleton = video.skeleton_from_file(clip_path, runtime)  # the CLI's path gives the same answer
     (want,) = video.skeleton_to_actions(skeleton.joints, action_model)
     np.testing.assert_allclose(
         window["prediction"]["probabilities"], want.prediction.probabilities, atol=1e-5
@@ -406,7 +459,7 @@ def test_cli_prints_actions_and_writes_the_annotated_video(
     ]
     assert video.main([*argv, "--out", str(out), "--top", "2"]) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"video: 40 frames 320x180 at 30.0 fps; 2 person\(s\), in 40 frames", printed)
+    assert re.search(r"video: 40 frames 320x180 at 30.0 fps; [12] person\(s\), in 40 frames", printed)
     (line,) = [s for s in printed.splitlines() if s.startswith("frames 0-39: ")]
     assert len(line.split(", ")) == 2 and f"annotated video: {out} (40 frames)" in printed
     with video.open_video(out) as (info, frames):
