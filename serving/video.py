@@ -15,12 +15,15 @@ Per frame, with the crop geometry the pose estimator was trained with (:mod:`sta
    (:func:`stages.denoise.actor_records`: tracks seen in 11 frames or fewer are dropped, the one that
    moves most is actor 1, a track that does not overlap actor 1 in time continues it...) puts the
    tracks into the two slots; a track left out (a duplicate detection of an actor, a short false one)
-   is dropped.
+   is dropped;
+5. per actor, gaps of up to :data:`GAP_FRAMES` missed frames are interpolated and the joints are
+   averaged over ``2 * SMOOTH_RADIUS + 1`` frames.
 
 The result, :class:`VideoSkeleton`, holds joints in the pipeline's layout ``(3, T, 25, 2)`` (camera
 space, metres, zeros where a slot is empty), so :func:`skeleton_to_actions` scores it as the server
 scores a ``.skeleton`` upload (:func:`stages.preprocess.prepare` and the served action model), per
-sliding window for long videos. :func:`annotate` draws the result on the video.
+sliding window for long videos (a window with two actors is also scored with actor 1 alone, see
+:class:`WindowInputs`). :func:`annotate` draws the result on the video.
 
     python -m serving.video --video clip.mp4 --out annotated.mp4
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import shutil
 import sys
 import tempfile
@@ -67,6 +71,8 @@ WINDOW_FRAMES = _SETTINGS["video_window"].default  # 150: 5 s at 30 fps; NTU's a
 STRIDE_FRAMES = _SETTINGS["video_stride"].default  # 75
 THRESHOLD = _SETTINGS["video_threshold"].default  # 0.3: person-centre probability
 BATCH_FRAMES = 8  # frames per detector call
+GAP_FRAMES = 10  # an actor missed for at most this many frames is interpolated across them
+SMOOTH_RADIUS = 2  # each actor's joints: mean over 5 frames
 VIDEO_SUFFIXES = (".avi", ".mp4")
 VIDEO_TYPES = ("video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi", "video/mp4")
 WRITERS = {".mp4": "mp4v", ".avi": "MJPG"}
@@ -104,7 +110,10 @@ class VideoInfo:
 
 @dataclass
 class VideoSkeleton:
-    """The people of ``T`` frames, in ``M = 2`` stable slots; zeros where a slot is empty."""
+    """The actors of ``T`` frames in ``M = 2`` slots (actor 1 in slot 0); zeros where a slot is empty.
+
+    An actor missed for a few frames (``max_gap``) is interpolated across them and counts as present
+    there; joints and 2D joints are averaged over a few frames (``smooth_radius``)."""
 
     joints: np.ndarray  # float32 (3, T, 25, 2): camera space, metres (the pipeline's layout)
     joints2d: np.ndarray  # float32 (T, 2, 25, 2): video pixels (x, y), pixel centres
@@ -270,6 +279,8 @@ def video_to_skeleton(
     flip_test: bool = False,
     batch_frames: int = BATCH_FRAMES,
     min_frames: int = MIN_FRAMES,
+    max_gap: int = GAP_FRAMES,
+    smooth_radius: int = SMOOTH_RADIUS,
 ) -> VideoSkeleton:
     """Uint8 BGR frames ``(H, W, 3)`` -> :class:`VideoSkeleton`, with ``runtime`` (a
     :class:`serving.pose_runtime.PoseRuntime`) and ``camera`` (default: NTU's colour camera) scaled
@@ -291,7 +302,7 @@ def video_to_skeleton(
             rows.append((people, [tracker.ids[slot] for slot in slots]))
     if not rows:
         raise VideoError("unreadable_video", "no frame could be decoded from the video")
-    skeleton = _assemble(rows, size)
+    skeleton = _assemble(rows, size, max_gap, smooth_radius)
     if skeleton.frames < min_frames:
         raise VideoError(
             "too_short",
@@ -365,20 +376,59 @@ def _actor_slots(rows: list[tuple[list[dict], list[int]]]) -> dict[tuple[int, in
     return {found[r][:2]: slot for slot, records in enumerate(actors) for r in records.tolist()}
 
 
-def _assemble(rows: list[tuple[list[dict], list[int]]], size: tuple[int, int]) -> VideoSkeleton:
+def _fill_gaps(values: list[np.ndarray], present: np.ndarray, max_gap: int) -> None:
+    """Interpolate ``values`` (arrays ``(T, ...)``, in place) linearly across the runs of at most
+    ``max_gap`` absent frames between two present ones, which become present."""
+    seen = np.flatnonzero(present)
+    for a, b in itertools.pairwise(seen):
+        if 1 < b - a <= max_gap + 1:
+            w = ((np.arange(a + 1, b) - a) / (b - a)).astype(np.float32)
+            for v in values:
+                shape = (-1,) + (1,) * (v.ndim - 1)
+                v[a + 1 : b] = (1 - w.reshape(shape)) * v[a] + w.reshape(shape) * v[b]
+            present[a + 1 : b] = True
+
+
+def _smooth(v: np.ndarray, present: np.ndarray, radius: int) -> np.ndarray:
+    """The mean of ``v (T, ...)`` over the present frames within ``radius`` of each present frame."""
+    t = len(v)
+    weight = present.astype(np.float64).reshape((t,) + (1,) * (v.ndim - 1))
+    total = np.concatenate([np.zeros((1, *v.shape[1:])), np.cumsum(v * weight, axis=0)])
+    count = np.concatenate([np.zeros((1, *weight.shape[1:])), np.cumsum(weight, axis=0)])
+    lo, hi = np.maximum(np.arange(t) - radius, 0), np.minimum(np.arange(t) + radius + 1, t)
+    mean = (total[hi] - total[lo]) / np.maximum(count[hi] - count[lo], 1)
+    return np.where(weight > 0, mean, 0).astype(v.dtype)
+
+
+def _assemble(
+    rows: list[tuple[list[dict], list[int]]], size: tuple[int, int], max_gap: int, radius: int
+) -> VideoSkeleton:
+    """The chosen actors in their slots; per slot, gaps of at most ``max_gap`` frames are bridged and
+    the joints averaged over ``2 * radius + 1`` frames (the estimator's jitter is frame to frame)."""
     t = len(rows)
-    joints = np.zeros((3, t, NUM_JOINTS, MAX_PERSONS), np.float32)
-    joints2d = np.zeros((t, MAX_PERSONS, NUM_JOINTS, 2), np.float32)
-    confidence = np.zeros((t, MAX_PERSONS, NUM_JOINTS), np.float32)
-    boxes = np.zeros((t, MAX_PERSONS, 4), np.float32)
-    scores = np.zeros((t, MAX_PERSONS), np.float32)
-    present = np.zeros((t, MAX_PERSONS), bool)
+    joints = np.zeros((MAX_PERSONS, t, NUM_JOINTS, 3), np.float32)
+    joints2d = np.zeros((MAX_PERSONS, t, NUM_JOINTS, 2), np.float32)
+    confidence = np.zeros((MAX_PERSONS, t, NUM_JOINTS), np.float32)
+    boxes = np.zeros((MAX_PERSONS, t, 4), np.float32)
+    scores = np.zeros((MAX_PERSONS, t), np.float32)
+    present = np.zeros((MAX_PERSONS, t), bool)
     for (i, k), slot in _actor_slots(rows).items():
         person = rows[i][0][k]
-        joints[:, i, :, slot] = person["xyz"].T
-        joints2d[i, slot], confidence[i, slot] = person["uv"], person["conf"]
-        boxes[i, slot], scores[i, slot], present[i, slot] = person["box"], person["score"], True
-    return VideoSkeleton(joints, joints2d, confidence, boxes, scores, present, size)
+        joints[slot, i], joints2d[slot, i], confidence[slot, i] = person["xyz"], person["uv"], person["conf"]
+        boxes[slot, i], scores[slot, i], present[slot, i] = person["box"], person["score"], True
+    for m in range(MAX_PERSONS):
+        _fill_gaps([joints[m], joints2d[m], confidence[m], boxes[m], scores[m]], present[m], max_gap)
+        joints[m] = _smooth(joints[m], present[m], radius)
+        joints2d[m] = _smooth(joints2d[m], present[m], radius)
+    return VideoSkeleton(
+        np.ascontiguousarray(joints.transpose(3, 1, 2, 0)),  # 3, T, 25, M: the pipeline's layout
+        np.ascontiguousarray(joints2d.transpose(1, 0, 2, 3)),
+        np.ascontiguousarray(confidence.transpose(1, 0, 2)),
+        np.ascontiguousarray(boxes.transpose(1, 0, 2)),
+        np.ascontiguousarray(scores.T),
+        np.ascontiguousarray(present.T),
+        size,
+    )
 
 
 def skeleton_from_file(

@@ -139,7 +139,7 @@ def test_geometry_chain_back_to_video_pixels_camera_space_and_actor_slots():
         images.append(image)
         truth.append(people)
     fake = BlobRuntime()
-    skeleton = video.video_to_skeleton(iter(images), fake, min_frames=1)
+    skeleton = video.video_to_skeleton(iter(images), fake, min_frames=1, max_gap=0, smooth_radius=0)
 
     assert [s[1:] for s in fake.frame_shapes] == [(192, 320, 3)] * 2  # letterboxed, 8 + 6 frames
     assert all(s[1:] == (64, 64, 3) for s in fake.crop_shapes)
@@ -157,6 +157,26 @@ def test_geometry_chain_back_to_video_pixels_camera_space_and_actor_slots():
             np.testing.assert_allclose(skeleton.joints[:, t, HEAD, slot], root + UP, atol=1e-5)
     assert not skeleton.joints[:, 5, :, 1].any() and not skeleton.joints2d[5, 1].any()  # empty: zeros
     assert skeleton.scores[0, 1] in (np.float32(0.9), np.float32(0.6)) and skeleton.scores[5, 1] == 0
+    bridged = video.video_to_skeleton(iter(images), BlobRuntime(), min_frames=1, smooth_radius=0)
+    assert bridged.present.all()  # the 1-frame gap is interpolated from frames 4 and 6
+    np.testing.assert_allclose(
+        bridged.joints[:, 5, :, 1], (skeleton.joints[:, 4, :, 1] + skeleton.joints[:, 6, :, 1]) / 2, atol=1e-6
+    )
+    np.testing.assert_allclose(bridged.joints[:, :5], skeleton.joints[:, :5])  # the rest as it was
+
+
+def test_gaps_are_bridged_and_joints_averaged_over_present_frames_only():
+    present = np.array([1, 1, 0, 0, 1, 0, 0, 0, 1, 1], bool)
+    v = np.arange(10, dtype=np.float32)[:, None] * present[:, None] * np.array([[1.0, -2.0]], np.float32)
+    filled, now = v.copy(), present.copy()
+    video._fill_gaps([filled], now, max_gap=2)  # the 2-frame gap is bridged, the 3-frame one is not
+    assert now.tolist() == [True] * 5 + [False] * 3 + [True] * 2
+    np.testing.assert_allclose(filled[:5, 0], [0, 1, 2, 3, 4])  # linear between frames 1 and 4
+    np.testing.assert_array_equal(filled[5:], v[5:])
+    smooth = video._smooth(filled, now, radius=1)
+    np.testing.assert_allclose(smooth[:, 0], [0.5, 1, 2, 3, 3.5, 0, 0, 0, 8.5, 8.5])  # absent: not used
+    np.testing.assert_allclose(smooth[:, 1], -2 * smooth[:, 0])
+    assert smooth.dtype == np.float32 and video._smooth(filled, now, radius=0).tolist() == filled.tolist()
 
 
 def test_a_short_false_track_is_dropped_and_the_person_is_actor_1():
