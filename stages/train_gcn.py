@@ -273,15 +273,9 @@ def run(
                 "config": cfg.to_dict(),
                 "class_names": list(train_set.class_names),
                 "loader": dataclasses.asdict(loader_params),
-                "fingerprint": run_id,
-                "epoch": epoch + 1,
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "eval_weights": "ema" if ema is not None else "model",
-                "optimizer": optimizer.state_dict(),
-                "rng": training.rng_state(),
-                "history": history,
+                **training.resumable_state(
+                    model, ema, optimizer, fingerprint=run_id, epoch=epoch + 1, step=step, history=history
+                ),
                 "best": best,
             }
             training.save_checkpoint(last_path, payload)

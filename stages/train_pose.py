@@ -177,13 +177,7 @@ def train_one_epoch(
             group["lr"] = training.lr_at(recipe, step, steps_per_epoch)
         kp, dl = train_step_losses(model, detect, crops, next(frame_iter), cfg, rt, loss_weights)
         loss = kp + dl
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite pose loss at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
+        training.optimizer_step(loss, model, optimizer, ema, step, what="pose loss")
         step += 1
         totals += [kp.item(), dl.item(), 1, len(crops[0])]
         bar.set_postfix(
@@ -394,15 +388,9 @@ def run(
                 "kind": "pose_estimator",
                 "config": cfg.to_dict(),
                 "benchmark": params.benchmark,
-                "fingerprint": run_id,
-                "epoch": epoch + 1,
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "eval_weights": "ema" if ema is not None else "model",
-                "optimizer": optimizer.state_dict(),
-                "rng": training.rng_state(),
-                "history": history,
+                **training.resumable_state(
+                    model, ema, optimizer, fingerprint=run_id, epoch=epoch + 1, step=step, history=history
+                ),
             },
         )
         _write_history(reports_dir / "history.csv", history)

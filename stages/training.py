@@ -205,6 +205,18 @@ class EpochStats:
         return self.samples / max(self.seconds, 1e-9)
 
 
+def optimizer_step(loss: torch.Tensor, model, optimizer, ema, step: int, what: str = "training loss") -> None:
+    """One update from ``loss``: a non-finite loss stops training with the step it happened at; else
+    zero_grad, backward, step, and the EMA (when there is one) follows the model."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite {what} at step {step}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if ema is not None:
+        ema.update(model)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -233,13 +245,7 @@ def train_one_epoch(
         with runtime.autocast():
             logits = model(x)
             loss = criterion(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
+        optimizer_step(loss, model, optimizer, ema, step)
         step += 1
         n = y.shape[0]
         correct = (logits.detach().argmax(1) == y).sum()
@@ -321,6 +327,22 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resumable_state(model, ema, optimizer, *, fingerprint: str, epoch: int, step: int, history: list) -> dict:
+    """The part of an epoch checkpoint that ``--resume`` continues from (the caller adds its model
+    config and its own keys): weights, EMA, optimiser, RNG states, position and history."""
+    return {
+        "fingerprint": fingerprint,
+        "epoch": epoch,
+        "step": step,
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "eval_weights": "ema" if ema is not None else "model",
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "history": history,
+    }
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
