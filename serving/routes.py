@@ -40,7 +40,7 @@ from starlette.datastructures import UploadFile
 
 from stages.errors import RejectedInput
 
-from . import video
+from . import video, video_actions, video_io
 from .errors import ApiError
 from .model import LoadedModel
 from .schemas import (
@@ -287,7 +287,7 @@ async def predict_video(
                 422, "missing_file", "no file in the multipart field 'file' (an .avi or .mp4 video)"
             )
         skeletons = skeletons or _flag(form.get("skeletons"))
-        if video.upload_suffix(upload.filename, upload.content_type) is None:
+        if video_io.upload_suffix(upload.filename, upload.content_type) is None:
             raise ApiError(
                 415,
                 "unsupported_media_type",
@@ -299,7 +299,7 @@ async def predict_video(
         )
     pose_ms = (time.perf_counter() - started) * 1000
     inputs = await run_in_threadpool(
-        video.window_clips, skeleton.joints, model, options.window, options.stride
+        video_actions.window_clips, skeleton.joints, model, options.window, options.stride
     )
     predictions = inputs.choose(await service.predict(inputs.prepared, inputs.counts))
     actions_ms = (time.perf_counter() - started) * 1000 - pose_ms

@@ -20,10 +20,11 @@ Per frame, with the crop geometry the pose estimator was trained with (:mod:`sta
    averaged over ``2 * SMOOTH_RADIUS + 1`` frames.
 
 The result, :class:`VideoSkeleton`, holds joints in the pipeline's layout ``(3, T, 25, 2)`` (camera
-space, metres, zeros where a slot is empty), so :func:`skeleton_to_actions` scores it as the server
-scores a ``.skeleton`` upload (:func:`stages.preprocess.prepare` and the served action model), per
-sliding window for long videos (a window with two actors is also scored with actor 1 alone, see
-:class:`WindowInputs`). :func:`annotate` draws the result on the video.
+space, metres, zeros where a slot is empty), so :func:`serving.video_actions.skeleton_to_actions`
+scores it as the server scores a ``.skeleton`` upload (:func:`stages.preprocess.prepare` and the
+served action model), per sliding window for long videos (a window with two actors is also scored
+with actor 1 alone, see :class:`serving.video_actions.WindowInputs`). :func:`serving.video_io.annotate`
+draws the result on the video; :mod:`serving.video_io` also reads videos and uploads.
 
     python -m serving.video --video clip.mp4 --out annotated.mp4
 """
@@ -31,11 +32,8 @@ sliding window for long videos (a window with two actors is also scored with act
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -48,39 +46,26 @@ import torch
 
 from models.pose import decode_people
 from models.pose_geometry import Camera, Tracker, solve_translation
-from models.skeleton import EDGES, MAX_PERSONS, NUM_JOINTS
-from stages import preprocess
+from models.skeleton import MAX_PERSONS, NUM_JOINTS
 from stages.bundle import BundleError
 from stages.denoise import DenoiseError, actor_records
 from stages.errors import RejectedInput
-from stages.ntu_files import MUTUAL_ACTIONS
 from stages.pose_data import crop_matrix, cut_crop, letterbox, square_crop
 from stages.skeleton_text import RawSkeleton
 
-from .model import LoadedModel, ModelError
+from .model import ModelError
 from .model import load as load_model
 from .pose_runtime import PoseRuntime, PoseRuntimeError
-from .schemas import Prediction
-from .service import summarise_scores
 from .settings import Settings
+from .video_actions import STRIDE_FRAMES, WINDOW_FRAMES, skeleton_to_actions
+from .video_io import MAX_FRAMES, VideoError, VideoInfo, annotate, open_video, saved_upload
 
 _SETTINGS = Settings.model_fields  # the server's defaults are the CLI's and the functions'
 MIN_FRAMES = _SETTINGS["video_min_frames"].default  # 16: about half a second at 30 fps
-MAX_FRAMES = _SETTINGS["video_max_frames"].default  # 900: 30 s at 30 fps (pose runs on every frame)
-WINDOW_FRAMES = _SETTINGS["video_window"].default  # 150: 5 s at 30 fps; NTU's actions last 1-10 s
-STRIDE_FRAMES = _SETTINGS["video_stride"].default  # 75
 THRESHOLD = _SETTINGS["video_threshold"].default  # 0.3: person-centre probability
 BATCH_FRAMES = 8  # frames per detector call
 GAP_FRAMES = 10  # an actor missed for at most this many frames is interpolated across them
 SMOOTH_RADIUS = 2  # each actor's joints: mean over 5 frames
-VIDEO_SUFFIXES = (".avi", ".mp4")
-VIDEO_TYPES = ("video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi", "video/mp4")
-WRITERS = {".mp4": "mp4v", ".avi": "MJPG"}
-SLOT_COLOURS = ((90, 220, 90), (40, 170, 255))  # BGR: slot 0 green, slot 1 orange
-
-
-class VideoError(RejectedInput):
-    """A video the pipeline cannot use (unreadable, too short or long, nobody in it)."""
 
 
 @dataclass(frozen=True)
@@ -98,14 +83,6 @@ class VideoOptions:
     def from_settings(cls, s: Settings) -> VideoOptions:
         return cls(s.video_threshold, s.video_flip_test, s.video_min_frames, s.video_max_frames,
                    s.video_window, s.video_stride)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    width: int
-    height: int
-    fps: float  # 0 when the container does not say
-    declared_frames: int  # the container's count (may be 0 or wrong; the decoded frames count)
 
 
 @dataclass
@@ -135,99 +112,6 @@ class VideoSkeleton:
     @property
     def frames_with_people(self) -> int:
         return int(self.present.any(1).sum())
-
-
-@dataclass(frozen=True)
-class WindowActions:
-    """The action model's prediction for the frames ``[start, end)``."""
-
-    start: int
-    end: int
-    prediction: Prediction
-
-
-# ---- reading videos -----------------------------------------------------------------------------
-
-
-def sniff_container(head: bytes) -> str | None:
-    """``.avi`` or ``.mp4`` from the first bytes of a file (RIFF/AVI header, ISO media box), else None."""
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return ".avi"
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
-        return ".mp4"
-    return None
-
-
-def upload_suffix(filename: str | None, content_type: str | None) -> str | None:
-    """The video kind an upload declares (by its name, else its content type), or None."""
-    suffix = Path(filename or "").suffix.lower()
-    if suffix in VIDEO_SUFFIXES:
-        return suffix
-    media = (content_type or "").split(";")[0].strip().lower()
-    if media in VIDEO_TYPES:
-        return ".mp4" if media == "video/mp4" else ".avi"
-    return None
-
-
-@contextlib.contextmanager
-def saved_upload(source: BinaryIO) -> Iterator[Path]:
-    """An uploaded video as a temporary file (OpenCV reads files, not memory), named by its content."""
-    head = source.read(16)
-    if not head:
-        raise VideoError("empty", "the uploaded file is empty; send an .avi or .mp4 video")
-    suffix = sniff_container(head)
-    if suffix is None:
-        raise VideoError(
-            "unreadable_video",
-            "the file is not an AVI or MP4 video (it starts with neither a RIFF/AVI header nor an MP4 box)",
-        )
-    with tempfile.TemporaryDirectory(prefix="ntu-video-") as tmp:
-        path = Path(tmp) / f"upload{suffix}"
-        with path.open("wb") as out:
-            out.write(head)
-            shutil.copyfileobj(source, out, 1 << 20)
-        yield path
-
-
-def _frames(capture: cv2.VideoCapture, max_frames: int) -> Iterator[np.ndarray]:
-    count = 0
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            return
-        count += 1
-        if count > max_frames:
-            raise VideoError(
-                "too_long", f"the video has more than {max_frames} frames; at most {max_frames} are analysed"
-            )
-        yield frame
-
-
-@contextlib.contextmanager
-def open_video(path: Path, max_frames: int = MAX_FRAMES) -> Iterator[tuple[VideoInfo, Iterator[np.ndarray]]]:
-    """``(info, frames)`` of the video at ``path``: uint8 BGR frames ``(H, W, 3)``, decoded lazily."""
-    if not Path(path).is_file():
-        raise VideoError("unreadable_video", f"{path}: no such file")
-    capture = cv2.VideoCapture(str(path))
-    try:
-        width, height = (
-            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
-            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-        )
-        if not capture.isOpened() or width < 16 or height < 16:
-            raise VideoError("unreadable_video", f"OpenCV cannot decode {Path(path).name} as a video")
-        declared = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
-        if declared > max_frames:
-            raise VideoError(
-                "too_long", f"the video has {declared} frames; at most {max_frames} are analysed"
-            )
-        fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
-        yield (
-            VideoInfo(width, height, fps if np.isfinite(fps) else 0.0, declared),
-            _frames(capture, max_frames),
-        )
-    finally:
-        capture.release()
 
 
 # ---- video -> skeleton ------------------------------------------------------------------------
@@ -453,169 +337,6 @@ def skeleton_from_upload(
     """:func:`skeleton_from_file` on an uploaded file object (saved to a temporary file first)."""
     with saved_upload(source) as path:
         return skeleton_from_file(path, runtime, options)
-
-
-# ---- skeleton -> actions ------------------------------------------------------------------------
-
-
-def action_windows(frames: int, window: int, stride: int) -> list[tuple[int, int]]:
-    """Spans ``[start, end)`` covering ``frames``: one when ``frames <= window`` (or ``window`` is 0),
-    else ``window`` frames every ``stride``, the last one ending at the last frame."""
-    if window <= 0 or frames <= window:
-        return [(0, frames)]
-    if stride < 1:
-        raise ValueError(f"stride must be at least 1 frame, got {stride}")
-    starts = list(range(0, frames - window + 1, stride))
-    if starts[-1] + window < frames:
-        starts.append(frames - window)
-    return [(s, s + window) for s in starts]
-
-
-def window_joints(joints: np.ndarray, start: int, end: int) -> np.ndarray | None:
-    """Joints ``(3, T, 25, 2)`` of ``[start, end)`` as the parse stage leaves a sample: frames with
-    nobody dropped, actor 1 in slot 0 (actor 2 moves up when actor 1 is not in the window); None when
-    nobody is in the window."""
-    x = joints[:, start:end]
-    present = np.any(x != 0, axis=(0, 2))  # t, M
-    keep = present.any(1)
-    if not keep.any():
-        return None
-    order = np.argsort(~present.any(0), kind="stable")  # the slots seen in the window first
-    return np.ascontiguousarray(x[:, keep][..., order])
-
-
-@dataclass
-class WindowInputs:
-    """What the action model scores for a video's windows (:func:`window_clips`).
-
-    A window with two actors is scored twice, with both and with actor 1 alone, and :meth:`choose`
-    keeps the pair only when the model names a two-person action from it. The action model never saw a
-    second body beside a one-person action (its training files have none), and most second people the
-    estimator finds in one-person videos are a duplicate box on actor 1: on the held-out videos of the
-    default corpus this choice took the video path's top-1 from 0.33 to 0.52 (README).
-    """
-
-    spans: list[tuple[int, int]]  # the windows with people, [start, end) frames
-    prepared: list[np.ndarray]  # the inputs: each window's clips, then actor 1's alone if it has two
-    counts: list[int]  # frames with people in each input
-    pairs: list[bool]  # per window: whether it has a second actor (and so two inputs)
-
-    def choose(self, scored: list[Prediction]) -> list[Prediction]:
-        """One prediction per window from one per input (``scored[i]`` for ``prepared[i]``)."""
-        out, k = [], 0
-        for pair in self.pairs:
-            both = scored[k]
-            out.append(both if not pair or both.top[0].id in MUTUAL_ACTIONS else scored[k + 1])
-            k += 1 + pair
-        return out
-
-
-def window_clips(joints: np.ndarray, model: LoadedModel, window: int, stride: int) -> WindowInputs:
-    """The windows with people and the model's clips (:func:`stages.preprocess.prepare`) to score for
-    each (see :class:`WindowInputs`)."""
-    out = WindowInputs([], [], [], [])
-    for start, end in action_windows(joints.shape[1], window, stride):
-        x = window_joints(joints, start, end)
-        if x is None:
-            continue
-        pair = bool(np.any(x[..., 1]))
-        solo = window_joints(np.where(np.arange(MAX_PERSONS) == 0, x, 0), 0, x.shape[1]) if pair else None
-        inputs = [x] if solo is None else [x, solo]
-        out.spans.append((start, end))
-        out.pairs.append(pair)
-        for people in inputs:
-            out.prepared.append(preprocess.prepare(people, model.loader, model.view_align))
-            out.counts.append(people.shape[1])
-    return out
-
-
-def skeleton_to_actions(
-    joints: np.ndarray,
-    model: LoadedModel,
-    *,
-    window: int = WINDOW_FRAMES,
-    stride: int = STRIDE_FRAMES,
-    top: int = 5,
-) -> list[WindowActions]:
-    """Joints ``(3, T, 25, 2)`` -> the top ``top`` actions of each window (one model call for all)."""
-    inputs = window_clips(joints, model, window, stride)
-    if not inputs.spans:
-        raise VideoError("no_person", "no window of the video has a person in it")
-    started = time.perf_counter()
-    scores = model.run(np.concatenate(inputs.prepared))
-    ms = (time.perf_counter() - started) * 1000
-    scored, k = [], 0
-    for clips, n in zip(inputs.prepared, inputs.counts, strict=True):
-        scored.append(summarise_scores(scores[k : k + len(clips)], model.labels, top, n, ms))
-        k += len(clips)
-    return [WindowActions(a, b, p) for (a, b), p in zip(inputs.spans, inputs.choose(scored), strict=True)]
-
-
-# ---- drawing ------------------------------------------------------------------------------------
-
-
-def draw_skeleton(image: np.ndarray, uv: np.ndarray, colour: tuple[int, int, int]) -> None:
-    """Bones (``models.skeleton.EDGES``) and joints of ``uv (25, 2)`` (pixels) drawn on ``image``."""
-    width = max(1, round(image.shape[1] / 320))
-    points = [tuple(p) for p in np.rint(uv).astype(int).tolist()]
-    for child, parent in EDGES:
-        cv2.line(image, points[child], points[parent], colour, width, cv2.LINE_AA)
-    for p in points:
-        cv2.circle(image, p, width + 1, colour, -1, cv2.LINE_AA)
-
-
-def _label_of_frames(windows: list[WindowActions], frames: int) -> list[str]:
-    """The top action of the window centred nearest each frame, among the windows holding it."""
-    labels = [""] * frames
-    for t in range(frames):
-        holding = [w for w in windows if w.start <= t < w.end]
-        if holding:
-            best = min(holding, key=lambda w: abs((w.start + w.end) / 2 - t))
-            top = best.prediction.top[0]
-            labels[t] = f"{top.name} {top.probability:.2f}"
-    return labels
-
-
-def annotate(
-    frames: Iterable[np.ndarray],
-    skeleton: VideoSkeleton,
-    windows: list[WindowActions],
-    out_path: Path,
-    fps: float = 30.0,
-) -> int:
-    """Write ``frames`` with each slot's skeleton and box (one colour per slot) and the top action of
-    the window to ``out_path`` (``.mp4``: mp4v, ``.avi``: MJPG); returns the frames written."""
-    out_path = Path(out_path)
-    codec = WRITERS.get(out_path.suffix.lower())
-    if codec is None:
-        raise ValueError(f"{out_path}: the annotated video must be {' or '.join(WRITERS)}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*codec), fps or 30.0, skeleton.size)
-    if not writer.isOpened():
-        raise OSError(f"OpenCV cannot write {out_path} with the {codec} codec")
-    labels = _label_of_frames(windows, skeleton.frames)
-    written = 0
-    try:
-        for t, frame in enumerate(frames):
-            if t >= skeleton.frames:
-                break
-            image = frame.copy()
-            for slot in np.flatnonzero(skeleton.present[t]):
-                colour = SLOT_COLOURS[slot]
-                x0, y0, x1, y1 = np.rint(skeleton.boxes[t, slot]).astype(int).tolist()
-                cv2.rectangle(image, (x0, y0), (x1, y1), colour, 1)
-                draw_skeleton(image, skeleton.joints2d[t, slot], colour)
-            if labels[t]:
-                scale = max(0.4, skeleton.size[0] / 960)
-                (w, h), base = cv2.getTextSize(labels[t], cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-                cv2.rectangle(image, (0, 0), (w + 8, h + base + 8), (0, 0, 0), -1)
-                cv2.putText(image, labels[t], (4, h + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
-                            cv2.LINE_AA)  # fmt: skip
-            writer.write(image)
-            written += 1
-    finally:
-        writer.release()
-    return written
 
 
 # ---- command line ---------------------------------------------------------------------------------

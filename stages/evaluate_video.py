@@ -34,7 +34,9 @@ from serving.model import load as load_action_model
 from serving.pose_runtime import PoseRuntime
 from serving.service import summarise_scores
 from serving.settings import Settings
-from serving.video import VideoError, VideoOptions, skeleton_from_file, skeleton_to_actions
+from serving.video import VideoOptions, skeleton_from_file
+from serving.video_actions import skeleton_to_actions
+from serving.video_io import VideoError
 from stages import ntu_files
 from stages.denoise import real_bodies
 from stages.errors import RejectedInput

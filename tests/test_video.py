@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from models.pose_geometry import Camera
 from models.skeleton import MAX_PERSONS, NUM_JOINTS, SPINE_MIDDLE
 from serving import model as model_loader
-from serving import video
+from serving import video, video_actions, video_io
 from serving.app import create_app
 from serving.pose_runtime import PoseRuntime
 from serving.schemas import ClassScore, Prediction
@@ -227,7 +227,7 @@ def test_untrained_pose_graphs_give_skeletons_in_the_pipeline_layout(runtime, tm
 
 def test_video_errors_say_what_was_wrong(runtime, clip_path, tmp_path):
     def code(path, **options):
-        with pytest.raises(video.VideoError) as caught:
+        with pytest.raises(video_io.VideoError) as caught:
             video.skeleton_from_file(path, runtime, video.VideoOptions(**options))
         return caught.value.code, caught.value.message
 
@@ -247,19 +247,20 @@ def test_video_errors_say_what_was_wrong(runtime, clip_path, tmp_path):
 def test_uploads_are_recognised_by_name_type_and_content(clip_path):
     data = clip_path.read_bytes()
     assert (
-        video.sniff_container(data[:16]) == ".avi" and video.sniff_container(b"\0\0\0\x20ftypisom") == ".mp4"
+        video_io.sniff_container(data[:16]) == ".avi"
+        and video_io.sniff_container(b"\0\0\0\x20ftypisom") == ".mp4"
     )
-    assert video.sniff_container(b"hello world") is None
+    assert video_io.sniff_container(b"hello world") is None
     assert (
-        video.upload_suffix("a.MP4", None) == ".mp4"
-        and video.upload_suffix("clip", "video/x-msvideo") == ".avi"
+        video_io.upload_suffix("a.MP4", None) == ".mp4"
+        and video_io.upload_suffix("clip", "video/x-msvideo") == ".avi"
     )
-    assert video.upload_suffix("notes.txt", "text/plain") is None
-    with video.saved_upload(io.BytesIO(data)) as path:  # an AVI is saved as .avi whatever its name
+    assert video_io.upload_suffix("notes.txt", "text/plain") is None
+    with video_io.saved_upload(io.BytesIO(data)) as path:  # an AVI is saved as .avi whatever its name
         assert path.suffix == ".avi" and path.read_bytes() == data
     assert not path.exists()
     for payload, words in ((b"", "empty"), (b"<html>nope</html>", "neither a RIFF/AVI header")):
-        with pytest.raises(video.VideoError, match=words), video.saved_upload(io.BytesIO(payload)):
+        with pytest.raises(video_io.VideoError, match=words), video_io.saved_upload(io.BytesIO(payload)):
             pass
 
 
@@ -267,45 +268,51 @@ def test_uploads_are_recognised_by_name_type_and_content(clip_path):
 
 
 def test_action_windows_cover_the_video():
-    assert video.action_windows(40, 150, 75) == [(0, 40)]
-    assert video.action_windows(400, 0, 75) == [(0, 400)]
-    assert video.action_windows(300, 150, 75) == [(0, 150), (75, 225), (150, 300)]
-    assert video.action_windows(400, 150, 75) == [(0, 150), (75, 225), (150, 300), (225, 375), (250, 400)]
+    assert video_actions.action_windows(40, 150, 75) == [(0, 40)]
+    assert video_actions.action_windows(400, 0, 75) == [(0, 400)]
+    assert video_actions.action_windows(300, 150, 75) == [(0, 150), (75, 225), (150, 300)]
+    assert video_actions.action_windows(400, 150, 75) == [
+        (0, 150),
+        (75, 225),
+        (150, 300),
+        (225, 375),
+        (250, 400),
+    ]
     joints = np.zeros((3, 6, NUM_JOINTS, 2), np.float32)
     joints[..., 0, 1] = 1.0  # slot 1 in frames 0-5 (only joint 0 set: presence is any joint)
     joints[:, 1:3, 0, 0] = 2.0  # slot 0 in frames 1-2
     joints[:, 4] = 0  # nobody in frame 4
-    x = video.window_joints(joints, 0, 6)
+    x = video_actions.window_joints(joints, 0, 6)
     assert x.shape == (3, 5, NUM_JOINTS, 2)  # frame 4 dropped
     np.testing.assert_array_equal(x, joints[:, [0, 1, 2, 3, 5]])  # actor 1 (slot 0) stays first
-    x = video.window_joints(joints, 2, 6)
+    x = video_actions.window_joints(joints, 2, 6)
     assert x.shape == (3, 3, NUM_JOINTS, 2)  # frames 2, 3, 5
     assert (x[:, :, 0, 1] == 1.0).all() and x[0, :, 0, 0].tolist() == [2.0, 0.0, 0.0]  # actor 1: frame 2
-    x = video.window_joints(joints, 3, 6)  # actor 1 is not in frames 3-5: actor 2 moves up
+    x = video_actions.window_joints(joints, 3, 6)  # actor 1 is not in frames 3-5: actor 2 moves up
     assert (x[:, :, 0, 0] == 1.0).all() and not x[..., 1].any()
-    assert video.window_joints(joints, 4, 5) is None
+    assert video_actions.window_joints(joints, 4, 5) is None
 
 
 def test_skeleton_actions_are_the_served_models_predictions(tiny_bundle, action_model):
     joints = raw_files(tiny_bundle)[8][1]  # a real one-person sequence (3, T, 25, 2)
     reference = Reference(tiny_bundle, action_model.loader)
-    (whole,) = video.skeleton_to_actions(joints, action_model, window=0, top=2)
+    (whole,) = video_actions.skeleton_to_actions(joints, action_model, window=0, top=2)
     assert (whole.start, whole.end) == (0, joints.shape[1]) and len(whole.prediction.top) == 2
     np.testing.assert_array_equal(
-        video.window_joints(joints, 0, joints.shape[1]), joints
+        video_actions.window_joints(joints, 0, joints.shape[1]), joints
     )  # one actor, no gap
     np.testing.assert_allclose(
         whole.prediction.probabilities, softmax(reference.scores(joints)[0]), atol=1e-5
     )
-    windows = video.skeleton_to_actions(joints, action_model, window=48, stride=40, top=3)
+    windows = video_actions.skeleton_to_actions(joints, action_model, window=48, stride=40, top=3)
     spans = [(w.start, w.end) for w in windows]
-    assert len(spans) >= 2 and spans == video.action_windows(joints.shape[1], 48, 40)
+    assert len(spans) >= 2 and spans == video_actions.action_windows(joints.shape[1], 48, 40)
     for w in windows:
         want = softmax(reference.scores(joints[:, w.start : w.end])[0])
         np.testing.assert_allclose(w.prediction.probabilities, want, atol=1e-5)
         assert w.prediction.frames == w.end - w.start
-    with pytest.raises(video.VideoError, match="no window"):
-        video.skeleton_to_actions(np.zeros_like(joints), action_model)
+    with pytest.raises(video_io.VideoError, match="no window"):
+        video_actions.skeleton_to_actions(np.zeros_like(joints), action_model)
 
 
 def test_a_second_person_counts_only_when_the_model_names_a_two_person_action(tiny_bundle, action_model):
@@ -313,9 +320,9 @@ def test_a_second_person_counts_only_when_the_model_names_a_two_person_action(ti
     t = one.shape[1]
     pair = one.copy()
     pair[..., 1] = one[..., 0] + np.array([0.8, 0.0, 0.3])[:, None, None]  # a second body beside it
-    inputs = video.window_clips(pair, action_model, 0, 0)
+    inputs = video_actions.window_clips(pair, action_model, 0, 0)
     assert inputs.spans == [(0, t)] and inputs.pairs == [True] and inputs.counts == [t, t]
-    alone = video.window_clips(one, action_model, 0, 0)
+    alone = video_actions.window_clips(one, action_model, 0, 0)
     assert alone.pairs == [False] and len(alone.prepared) == 1
     np.testing.assert_array_equal(inputs.prepared[1], alone.prepared[0])  # the pair's actor 1 alone
 
@@ -325,7 +332,7 @@ def test_a_second_person_counts_only_when_the_model_names_a_two_person_action(ti
     assert alone.choose([both]) == [both]  # one actor: one input, taken as it is
 
     reference = Reference(tiny_bundle, action_model.loader)
-    (whole,) = video.skeleton_to_actions(pair, action_model, window=0, top=1)
+    (whole,) = video_actions.skeleton_to_actions(pair, action_model, window=0, top=1)
     with_pair = softmax(reference.scores(pair)[0])
     ids = [label["id"] for label in action_model.labels]
     two_person = ids[int(np.argmax(with_pair))] in MUTUAL_ACTIONS
@@ -357,10 +364,10 @@ def test_annotate_draws_skeletons_boxes_and_labels(tmp_path, suffix):
         np.zeros((3, t, NUM_JOINTS, 2), np.float32), joints2d, np.zeros((t, 2, NUM_JOINTS), np.float32),
         boxes, np.zeros((t, 2), np.float32), present, (320, 180),
     )  # fmt: skip
-    windows = [video.WindowActions(0, 4, _prediction("sit down"))]
+    windows = [video_actions.WindowActions(0, 4, _prediction("sit down"))]
     out = tmp_path / f"annotated{suffix}"
-    assert video.annotate(iter(frames), skeleton, windows, out, fps=25.0) == 8
-    with video.open_video(out) as (info, decoded):
+    assert video_io.annotate(iter(frames), skeleton, windows, out, fps=25.0) == 8
+    with video_io.open_video(out) as (info, decoded):
         back = list(decoded)
     assert (info.width, info.height, len(back)) == (320, 180, 8) and abs(info.fps - 25.0) < 0.01
     x, y = np.rint(uv[0]).astype(int)
@@ -369,7 +376,7 @@ def test_annotate_draws_skeletons_boxes_and_labels(tmp_path, suffix):
     assert back[0][4, 4].max() < 60 and abs(int(back[6][4, 4].mean()) - 100) < 15  # label only in 0-3
     assert back[0][60, 50][2] > 150  # the box's top edge, orange
     with pytest.raises(ValueError, match=re.escape(".mp4 or .avi")):
-        video.annotate(iter(frames), skeleton, windows, tmp_path / "x.gif")
+        video_io.annotate(iter(frames), skeleton, windows, tmp_path / "x.gif")
 
 
 # ---- the endpoint -----------------------------------------------------------------------------------
@@ -401,7 +408,7 @@ def test_video_endpoint_names_the_actions_of_an_upload(client, clip_path, runtim
     assert client.get("/v1/model").json()["runtime"]["video"]["version"] == runtime.version
     (window,) = body["windows"]
     assert (window["start"], window["end"]) == (0, 40) and len(window["prediction"]["top"]) == 3
-    (want,) = video.skeleton_to_actions(skeleton.joints, action_model)
+    (want,) = video_actions.skeleton_to_actions(skeleton.joints, action_model)
     np.testing.assert_allclose(
         window["prediction"]["probabilities"], want.prediction.probabilities, atol=1e-5
     )
@@ -482,7 +489,7 @@ def test_cli_prints_actions_and_writes_the_annotated_video(
     assert re.search(r"video: 40 frames 320x180 at 30.0 fps; [12] person\(s\), in 40 frames", printed)
     (line,) = [s for s in printed.splitlines() if s.startswith("frames 0-39: ")]
     assert len(line.split(", ")) == 2 and f"annotated video: {out} (40 frames)" in printed
-    with video.open_video(out) as (info, frames):
+    with video_io.open_video(out) as (info, frames):
         assert (info.width, info.height, sum(1 for _ in frames)) == (320, 180, 40)
 
 

@@ -1,0 +1,198 @@
+"""Video files in and out for :mod:`serving.video`: uploads, decoding, and the annotated video.
+
+:func:`saved_upload` keeps an upload as a temporary ``.avi`` / ``.mp4`` named by its content
+(:func:`sniff_container`), :func:`open_video` decodes frames lazily with OpenCV and rejects what it
+cannot use with a :class:`VideoError`, and :func:`annotate` writes the video back with each actor's
+skeleton and the actions drawn on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import cv2
+import numpy as np
+
+from models.skeleton import EDGES
+from stages.errors import RejectedInput
+
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .video import VideoSkeleton
+    from .video_actions import WindowActions
+
+MAX_FRAMES = Settings.model_fields["video_max_frames"].default  # 900: 30 s at 30 fps
+VIDEO_SUFFIXES = (".avi", ".mp4")
+VIDEO_TYPES = ("video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi", "video/mp4")
+WRITERS = {".mp4": "mp4v", ".avi": "MJPG"}
+SLOT_COLOURS = ((90, 220, 90), (40, 170, 255))  # BGR: slot 0 green, slot 1 orange
+
+
+class VideoError(RejectedInput):
+    """A video the pipeline cannot use (unreadable, too short or long, nobody in it)."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    fps: float  # 0 when the container does not say
+    declared_frames: int  # the container's count (may be 0 or wrong; the decoded frames count)
+
+
+# ---- reading videos -----------------------------------------------------------------------------
+
+
+def sniff_container(head: bytes) -> str | None:
+    """``.avi`` or ``.mp4`` from the first bytes of a file (RIFF/AVI header, ISO media box), else None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return ".avi"
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return ".mp4"
+    return None
+
+
+def upload_suffix(filename: str | None, content_type: str | None) -> str | None:
+    """The video kind an upload declares (by its name, else its content type), or None."""
+    suffix = Path(filename or "").suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        return suffix
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in VIDEO_TYPES:
+        return ".mp4" if media == "video/mp4" else ".avi"
+    return None
+
+
+@contextlib.contextmanager
+def saved_upload(source: BinaryIO) -> Iterator[Path]:
+    """An uploaded video as a temporary file (OpenCV reads files, not memory), named by its content."""
+    head = source.read(16)
+    if not head:
+        raise VideoError("empty", "the uploaded file is empty; send an .avi or .mp4 video")
+    suffix = sniff_container(head)
+    if suffix is None:
+        raise VideoError(
+            "unreadable_video",
+            "the file is not an AVI or MP4 video (it starts with neither a RIFF/AVI header nor an MP4 box)",
+        )
+    with tempfile.TemporaryDirectory(prefix="ntu-video-") as tmp:
+        path = Path(tmp) / f"upload{suffix}"
+        with path.open("wb") as out:
+            out.write(head)
+            shutil.copyfileobj(source, out, 1 << 20)
+        yield path
+
+
+def _frames(capture: cv2.VideoCapture, max_frames: int) -> Iterator[np.ndarray]:
+    count = 0
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        count += 1
+        if count > max_frames:
+            raise VideoError(
+                "too_long", f"the video has more than {max_frames} frames; at most {max_frames} are analysed"
+            )
+        yield frame
+
+
+@contextlib.contextmanager
+def open_video(path: Path, max_frames: int = MAX_FRAMES) -> Iterator[tuple[VideoInfo, Iterator[np.ndarray]]]:
+    """``(info, frames)`` of the video at ``path``: uint8 BGR frames ``(H, W, 3)``, decoded lazily."""
+    if not Path(path).is_file():
+        raise VideoError("unreadable_video", f"{path}: no such file")
+    capture = cv2.VideoCapture(str(path))
+    try:
+        width, height = (
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+        )
+        if not capture.isOpened() or width < 16 or height < 16:
+            raise VideoError("unreadable_video", f"OpenCV cannot decode {Path(path).name} as a video")
+        declared = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+        if declared > max_frames:
+            raise VideoError(
+                "too_long", f"the video has {declared} frames; at most {max_frames} are analysed"
+            )
+        fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
+        yield (
+            VideoInfo(width, height, fps if np.isfinite(fps) else 0.0, declared),
+            _frames(capture, max_frames),
+        )
+    finally:
+        capture.release()
+
+
+# ---- drawing ------------------------------------------------------------------------------------
+
+
+def draw_skeleton(image: np.ndarray, uv: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Bones (``models.skeleton.EDGES``) and joints of ``uv (25, 2)`` (pixels) drawn on ``image``."""
+    width = max(1, round(image.shape[1] / 320))
+    points = [tuple(p) for p in np.rint(uv).astype(int).tolist()]
+    for child, parent in EDGES:
+        cv2.line(image, points[child], points[parent], colour, width, cv2.LINE_AA)
+    for p in points:
+        cv2.circle(image, p, width + 1, colour, -1, cv2.LINE_AA)
+
+
+def _label_of_frames(windows: list[WindowActions], frames: int) -> list[str]:
+    """The top action of the window centred nearest each frame, among the windows holding it."""
+    labels = [""] * frames
+    for t in range(frames):
+        holding = [w for w in windows if w.start <= t < w.end]
+        if holding:
+            best = min(holding, key=lambda w: abs((w.start + w.end) / 2 - t))
+            top = best.prediction.top[0]
+            labels[t] = f"{top.name} {top.probability:.2f}"
+    return labels
+
+
+def annotate(
+    frames: Iterable[np.ndarray],
+    skeleton: VideoSkeleton,
+    windows: list[WindowActions],
+    out_path: Path,
+    fps: float = 30.0,
+) -> int:
+    """Write ``frames`` with each slot's skeleton and box (one colour per slot) and the top action of
+    the window to ``out_path`` (``.mp4``: mp4v, ``.avi``: MJPG); returns the frames written."""
+    out_path = Path(out_path)
+    codec = WRITERS.get(out_path.suffix.lower())
+    if codec is None:
+        raise ValueError(f"{out_path}: the annotated video must be {' or '.join(WRITERS)}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*codec), fps or 30.0, skeleton.size)
+    if not writer.isOpened():
+        raise OSError(f"OpenCV cannot write {out_path} with the {codec} codec")
+    labels = _label_of_frames(windows, skeleton.frames)
+    written = 0
+    try:
+        for t, frame in enumerate(frames):
+            if t >= skeleton.frames:
+                break
+            image = frame.copy()
+            for slot in np.flatnonzero(skeleton.present[t]):
+                colour = SLOT_COLOURS[slot]
+                x0, y0, x1, y1 = np.rint(skeleton.boxes[t, slot]).astype(int).tolist()
+                cv2.rectangle(image, (x0, y0), (x1, y1), colour, 1)
+                draw_skeleton(image, skeleton.joints2d[t, slot], colour)
+            if labels[t]:
+                scale = max(0.4, skeleton.size[0] / 960)
+                (w, h), base = cv2.getTextSize(labels[t], cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+                cv2.rectangle(image, (0, 0), (w + 8, h + base + 8), (0, 0, 0), -1)
+                cv2.putText(image, labels[t], (4, h + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
+                            cv2.LINE_AA)  # fmt: skip
+            writer.write(image)
+            written += 1
+    finally:
+        writer.release()
+    return written
