@@ -16,7 +16,7 @@ import torch
 import yaml
 from onnx import TensorProto, helper
 
-from models.ctrgcn import config_for
+from models.ctrgcn import CTRGCNConfig
 from models.two_stream import MultiStream
 from stages import bundle, export, preprocess
 from stages.dataset import LoaderParams, SkeletonDataset
@@ -84,7 +84,8 @@ def test_onnx_matches_torch_for_any_batch_and_length(tiny_bundle):
 def test_four_stream_export_computes_motion_in_the_graph(tmp_path):
     torch.manual_seed(1)
     streams = ("joint", "bone", "joint_motion", "bone_motion")
-    model = MultiStream({s: config_for("small", 5) for s in streams}, weights=dict.fromkeys(streams, 0.5))
+    two_units = CTRGCNConfig(num_classes=5, channels=(16, 32), strides=(1, 2))  # the graph, not the size
+    model = MultiStream(dict.fromkeys(streams, two_units), weights=dict.fromkeys(streams, 0.5))
     model.eval()
     export.export_onnx(model, tmp_path / "m.onnx")
     assert export.graph_report(tmp_path / "m.onnx")["max_intermediate_rank"] <= 4
