@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic corpus carried through synthesize -> parse -> features."""
+"""Shared fixtures: a tiny synthetic corpus carried through synthesize -> parse -> features, a bundle
+exported from it, and the tiny DVC project built once by ``dvc repro``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from stages import features as features_stage
 from stages import parse, synthesize
+from tests.dvc_project import BuiltProject, dvc, make_project
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +73,11 @@ def tiny_bundle(tiny_features, tmp_path_factory):
         metrics_path=root / "metrics.json",
         features_dir=tiny_features,
     )
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory):
+    """The tiny DVC project (:func:`tests.dvc_project.make_project`) after one ``dvc repro`` of the whole
+    DAG. Tests that change its workspace work on a :func:`tests.dvc_project.copy_built` copy."""
+    project = make_project(tmp_path_factory.mktemp("project"))
+    return BuiltProject(project, dvc(project, "repro"))

@@ -3,68 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 import zarr
 
 from stages import bundle
+from tests.dvc_project import dvc
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def dvc(project: Path, *args: str) -> str:
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",  # never the developer's store
-    }
-    env.pop("MLFLOW_PARENT_RUN_ID", None)
-    result = subprocess.run(
-        [str(bin_dir / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    project = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, project / name)
-    for package in ("models", "stages", "serving"):
-        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["synthesize"].update(num_subjects=4, num_setups=2, num_sessions=4, workers=1)
-    params["parse"]["workers"] = 1
-    params["train"].update(eval_every=2, workers=0)
-    params["train"]["recipes"]["adamw"].update(epochs=2, batch_size=16)
-    params["evaluate"].update(multi_clips=0, workers=0)
-    params["export"].update(calibration_samples=32, latency_runs=3)
-    # the pose branch at a token size: 2 small videos per class, one short epoch
-    params["render"].update(width=256, videos_per_class=1, workers=1)
-    params["pose_data"].update(frame_stride=8, crop_size=64, frame_width=128, workers=1)
-    params["train_pose"].update(max_test_crops=32, workers=0, frame_batch_size=2)
-    params["train_pose"]["recipe"].update(epochs=1, batch_size=8)
-    params["export_pose"].update(latency_runs=2)
-    params["evaluate_video"].update(videos_per_class=1)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    dvc(project, "init", "-q")
-    dvc(project, "config", "core.analytics", "false")
-    return project
-
-
-def test_repro_builds_the_dataset_then_skips_everything(project):
-    first = dvc(project, "repro")
+def test_repro_builds_the_dataset_then_skips_everything(built_project):
+    project, first = built_project.path, built_project.first_repro
     stages = (
         "synthesize",
         "parse",

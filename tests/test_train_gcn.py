@@ -123,7 +123,7 @@ def run_cli(params_path: Path, out: Path, *extra: str) -> subprocess.Popen:
 def test_a_killed_run_resumes_to_the_same_weights(tiny_features, tmp_path):
     pytest.tiny_features = tiny_features
     params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params_doc(epochs=6, eval_every=2)))
+    params_path.write_text(yaml.safe_dump(params_doc(epochs=4, eval_every=2)))
     whole = run_cli(params_path, tmp_path / "whole")
     assert whole.wait(300) == 0, whole.stdout.read()
 
@@ -137,7 +137,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_features, tmp_path):
         time.sleep(0.05)
     killed.wait(60)
     stopped_at = training.load_checkpoint(last)["epoch"]
-    assert killed.returncode == -signal.SIGKILL and stopped_at < 6
+    assert killed.returncode == -signal.SIGKILL and stopped_at < 4
 
     resumed = run_cli(params_path, tmp_path / "killed", "--resume")
     output = resumed.communicate(timeout=300)[0]
