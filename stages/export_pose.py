@@ -57,7 +57,7 @@ from models.pose_geometry import NTU_COLOR_SIZE, Camera
 from models.skeleton import EDGES
 from stages import training
 from stages.bundle import sha256_file
-from stages.export import _quiet, batch1_latency_ms, ort_session
+from stages.export import _quiet, batch1_latency_ms, ort_session, save_onnx
 from stages.params import ParamsError, load_section
 from stages.pose_data import PoseDataParams, cut_crop, joint_box, letterbox, square_crop
 from stages.store import atomic_directory, write_metrics
@@ -139,7 +139,6 @@ def export_graph(model: PoseEstimator, task: str, path: Path, example: torch.Ten
     """Export one :class:`ImageGraph` path to ``path`` (one file) for uint8 ``example`` images
     ``(N, H, W, 3)``: dynamic batch, and for ``detect`` dynamic H and W in multiples of
     ``model.cfg.input_multiple``."""
-    import onnx
 
     multiple = model.cfg.input_multiple
     dims = {0: torch.export.Dim("batch", min=1, max=1024)}
@@ -158,9 +157,7 @@ def export_graph(model: PoseEstimator, task: str, path: Path, example: torch.Ten
             dynamic_shapes=(dims,),
             optimize=True,
         )
-    proto = program.model_proto
-    onnx.checker.check_model(proto)
-    onnx.save_model(proto, str(path), save_as_external_data=False)
+    save_onnx(program.model_proto, path)
 
 
 def _dims(path: Path) -> dict:

@@ -53,6 +53,8 @@ def test_pose_json_describes_checked_graphs(exported):
     assert meta["detect"]["frame_size"] == [192, 320]  # 16:9 at 320 wide: 180 high, letterboxed to 192
     for name, entry in meta["files"].items():
         assert sha256_file(exported.dir / name) == entry["sha256"]
+    for name in ("keypoints.onnx", "detect.onnx"):  # no trace notes with this checkout's paths
+        assert b"stack_trace" not in (exported.dir / name).read_bytes()
     parity = meta["parity"]
     assert 0 < parity["max_scaled_diff"] <= parity["tolerance"] == 1e-3
     cases = {"keypoints/uint8_noise", "keypoints/stick_figure", "detect/stick_figure", "detect/uint8_noise"}
