@@ -139,7 +139,6 @@ def export_graph(model: PoseEstimator, task: str, path: Path, example: torch.Ten
     """Export one :class:`ImageGraph` path to ``path`` (one file) for uint8 ``example`` images
     ``(N, H, W, 3)``: dynamic batch, and for ``detect`` dynamic H and W in multiples of
     ``model.cfg.input_multiple``."""
-
     multiple = model.cfg.input_multiple
     dims = {0: torch.export.Dim("batch", min=1, max=1024)}
     if task == "detect":
