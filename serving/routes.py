@@ -59,6 +59,7 @@ from .schemas import (
     VideoTiming,
     VideoWindow,
     describe_errors,
+    plain_clip,
 )
 from .service import Service, key_matches
 
@@ -206,10 +207,12 @@ async def model_info(service: Service_, model: Model_) -> ModelInfo:
 @v1.post("/predict", response_model=PredictResponse, openapi_extra=_json_schema(PredictRequest))
 async def predict(request: Request, service: Service_) -> PredictResponse:
     body = await json_bytes(request)
-    clips, frames = await run_in_threadpool(
-        lambda: service.prepare_clip(parse(PredictRequest, body).clip)  # ClipError -> 422
-    )
-    (prediction,) = await service.predict([clips], [frames])
+
+    def prepare() -> tuple[np.ndarray, int]:  # a bad body or clip: 422 (ApiError, ClipError)
+        clip = plain_clip(body)  # None: not plain numbers; pydantic reads it and says what is wrong
+        return service.prepare_clip(parse(PredictRequest, body).clip if clip is None else clip)
+
+    prediction = await service.predict_prepared(prepare)
     return PredictResponse(model=service.ref, **prediction.model_dump())
 
 
@@ -252,8 +255,7 @@ async def predict_file(request: Request, service: Service_) -> PredictResponse:
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "missing_file", "no file in the multipart field 'file' (the .skeleton file)")
         data = await upload.read()
-    clips, frames = await run_in_threadpool(service.prepare_file, data)  # RejectedInput -> 422
-    (prediction,) = await service.predict([clips], [frames])
+    prediction = await service.predict_prepared(lambda: service.prepare_file(data))  # RejectedInput -> 422
     return PredictResponse(model=service.ref, **prediction.model_dump())
 
 

@@ -21,7 +21,7 @@ from stages import preprocess
 from stages.training import average_clips
 
 from . import model as model_loader
-from .batching import Batch, MicroBatcher, Predictor
+from .batching import Batch, MicroBatcher, Predictor, Prepare
 from .errors import ApiError
 from .metrics import Metrics
 from .model import LoadedModel
@@ -146,6 +146,15 @@ class Service:
             out.append(self.summarise(scores[start : start + len(clips)], n, batch))
             start += len(clips)
         return out
+
+    async def predict_prepared(self, prepare: Prepare) -> Prediction:
+        """The prediction for one sample: ``prepare()`` -> ``(clips, frames)`` (validation and
+        preprocessing, raising :class:`~stages.errors.RejectedInput`), then the model call, in one
+        worker thread when requests are not micro-batched."""
+        if self.predictor is None:
+            raise ApiError(503, "not_ready", self.reason)
+        (_, frames), scores, batch = await self.predictor.predict_after(prepare)
+        return self.summarise(scores, frames, batch)
 
     def summarise(self, scores: np.ndarray, frames: int, batch: Batch) -> Prediction:
         """The clips' scores ``(K, classes)`` of one sample -> its prediction."""

@@ -21,6 +21,7 @@ from serving import model as model_loader
 from serving.__main__ import main as serve_main
 from serving.app import create_app
 from serving.batching import MicroBatcher, Predictor
+from serving.schemas import PredictRequest, plain_clip
 from serving.settings import Settings
 from stages import bundle, preprocess
 from stages.dataset import LoaderParams, SkeletonDataset
@@ -259,6 +260,65 @@ def test_non_finite_and_huge_numbers_are_refused(client, literal, words):
         "/v1/predict", content=_raw_clip(literal), headers={"Content-Type": "application/json"}
     )
     _is_error(response, 422, "not_finite", words)
+
+
+PLAIN = [  # bodies read without pydantic, pretty-printed or not
+    json.dumps({"clip": _frames(3)}).encode(),
+    json.dumps({"clip": [_frames(2, value=-0.25), _frames(2)]}).encode(),
+    json.dumps({"clip": [[[1, -2, 3e-2]] * 25]}, indent=2).encode(),
+    b' {\n "clip" :[[[ 1E+2 , -0.0,3 ],[4,5,6]]] }\n',
+    b'{"clip": [[[1,2,3],[4,5,6]],[[7,8,9],[1,2,3]]]}',
+]
+NOT_PLAIN = [  # bodies left to pydantic (which accepts some, refuses the rest)
+    b'{"clip": [[[1,2,true]]]}', b'{"clip": [[[1,2,null]]]}', b'{"clip": [[[1,2,"3"]]]}',
+    b'{"clip": [[[1,2,NaN]]]}', b'{"clip": [[[1,2,-Infinity]]]}', b'{"clip": [[[1,2,1e999]]]}',
+    b'{"clip": []}', b'{"clip": [[[]]]}', b'{"clip": [[[1,2,3]],[]]}', b'{"clip": [[[1,2],[1]]]}',
+    b'{"clip": [[[1,2,3]], [[4,5],[6,7,8,9]]]}', b'{"clip": [[1,2,3]]}', b'{"clip": [[[[[1]]]]]}',
+    b'{"clip": 5}', b'{"clip": [[[1,2,3]]], "x": 1}', b'{"x": 1, "clip": [[[1,2,3]]]}',
+    b'{"clip": [[[1,2,3]]], "clip": [[[4,5,6]]]}', b'{"clip": [[[+1,2,3]]]}', b'{"clip": [[[01,2,3]]]}',
+    b'{"clip": [[[1.,2,3]]]}', b'{"clip": [[[.5,2,3]]]}', b'{"clip": [[[1..2,2,3]]]}',
+    b'{"clip": [[[1,2,3]]]]}', b'{"clip": [[[1,2,3]]]}}', b'{"clip": [[[1,2,3]]]} x', b'[[[[1,2,3]]]]',
+    b'{"clip": [[[1,2,3,]]]}', b'{"clip": [[[1,,3]]]}',
+]  # fmt: skip
+
+
+def _pydantic_clip(body: bytes) -> np.ndarray | None:
+    try:
+        return np.asarray(PredictRequest.model_validate_json(body).clip, dtype=np.float64)
+    except (ValidationError, ValueError):
+        return None
+
+
+def test_plain_clip_reads_exactly_what_pydantic_reads():
+    for body in PLAIN:
+        fast = plain_clip(body)
+        assert fast is not None and fast.dtype == np.float64, body
+        np.testing.assert_array_equal(fast, _pydantic_clip(body))
+    for body in NOT_PLAIN:
+        assert plain_clip(body) is None, body
+    # Random damage to a valid body: whatever the fast path reads, pydantic reads the same way.
+    rng = np.random.default_rng(0)
+    base = json.dumps({"clip": np.round(rng.normal(size=(2, 3, 25, 3)), 3).tolist()}).encode()
+    alphabet = b'[],.-+eE0123456789 "}{:tn'
+    read = 0
+    for _ in range(3000):
+        body = bytearray(base)
+        for _ in range(rng.integers(1, 3)):
+            i = int(rng.integers(len(body)))
+            action = rng.integers(3)
+            if action == 0:
+                del body[i]
+            elif action == 1:
+                body.insert(i, alphabet[rng.integers(len(alphabet))])
+            else:
+                body[i] = alphabet[rng.integers(len(alphabet))]
+        fast = plain_clip(bytes(body))
+        if fast is not None:
+            read += 1
+            slow = _pydantic_clip(bytes(body))
+            assert slow is not None and slow.shape == fast.shape, bytes(body)
+            np.testing.assert_array_equal(fast, slow)
+    assert 300 < read < 2700, read  # both kinds of damage occurred: still plain (a digit changed) and not
 
 
 def test_malformed_json_and_content_types(client, clip):
@@ -544,6 +604,42 @@ def test_inference_runs_off_the_event_loop(batching):
         return ticked
 
     assert asyncio.run(scenario()) < 0.2
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_predict_after_prepares_then_calls_the_model(batching):
+    """``predict_after`` runs the request's preparation, then the model on its clips: in one worker
+    thread (one hand-off) without micro-batching; a failed preparation reaches the caller and makes no
+    model call."""
+    threads: dict[str, int] = {}
+    calls = []
+
+    def run(x):
+        threads["model"] = threading.get_ident()
+        calls.append(len(x))
+        return x * 2
+
+    def prepare():
+        threads["prepare"] = threading.get_ident()
+        return np.full((2, 1), 3.0, np.float32), "info"
+
+    def refuse():
+        raise preprocess.ClipError("bad_shape", "no")
+
+    async def scenario():
+        predictor = MicroBatcher(run, 0.001, 8) if batching else Predictor(run)
+        await predictor.start()
+        (clips, info), scores, batch = await predictor.predict_after(prepare)
+        with pytest.raises(preprocess.ClipError, match="no"):
+            await predictor.predict_after(refuse)
+        await predictor.stop()
+        return clips, info, scores, batch
+
+    clips, info, scores, batch = asyncio.run(scenario())
+    assert info == "info" and clips.shape == (2, 1) and scores.tolist() == [[6.0], [6.0]]
+    assert calls == [2] and batch.clips == 2 and batch.requests == 1
+    assert threading.get_ident() not in threads.values()  # never on the event loop's thread
+    assert (threads["prepare"] == threads["model"]) is (not batching)
 
 
 @pytest.mark.parametrize("where", ["running", "gathering"])
