@@ -127,13 +127,12 @@ def plain_clip(body: bytes) -> np.ndarray | None:
     if min(dims) < 1 or brackets != _nested(dims):  # ragged, or an empty list somewhere
         return None
     try:
-        clip = orjson.loads(body)["clip"]  # JSON's number grammar, as pydantic reads it
-    except orjson.JSONDecodeError:  # "1.", "+1", "01", 1e999...
+        flat = orjson.loads(body)["clip"]  # JSON's number grammar, as pydantic reads it
+        for _ in range(depth - 1):
+            flat = _chain(flat)
+        return np.fromiter(flat, dtype=np.float64, count=math.prod(dims)).reshape(dims)
+    except (orjson.JSONDecodeError, ValueError, TypeError, KeyError):  # "1.", "+1", "01", 1e999...
         return None
-    flat = clip
-    for _ in range(depth - 1):
-        flat = _chain(flat)
-    return np.fromiter(flat, dtype=np.float64, count=math.prod(dims)).reshape(dims)
 
 
 class BatchRequest(_Strict):
