@@ -61,10 +61,14 @@ class Predictor:
         self._observe(batch)
         return scores, batch
 
-    async def _call(self, clips: np.ndarray, requests: int) -> tuple[np.ndarray, Batch]:
+    async def _submit(self, fn: Callable, *args):
+        """``fn(*args)`` in one of the workers."""
         if self._executor is None:
             raise RuntimeError("the predictor is not running")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, clips, requests)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _call(self, clips: np.ndarray, requests: int) -> tuple[np.ndarray, Batch]:
+        return await self._submit(self._timed, clips, requests)
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="inference")
@@ -87,14 +91,12 @@ class Predictor:
         costs a thread wake-up on both sides; the service's overhead at one client is mostly such
         costs). An exception of ``prepare`` is raised here, and no model call is made.
         """
-        if self._executor is None:
-            raise RuntimeError("the predictor is not running")
 
         def work() -> tuple[Prepared, np.ndarray, Batch]:
             prepared = prepare()
             return (prepared, *self._timed(prepared[0], 1))
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        return await self._submit(work)
 
 
 @dataclass
