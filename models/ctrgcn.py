@@ -245,17 +245,35 @@ class CTRGCN(nn.Module):
     def feature_dim(self) -> int:
         return self.cfg.channels[-1]
 
-    def features_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """Folded input ``(N, C, T, V*M)`` -> pooled features ``(N, channels[-1])``."""
+    def person_features_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Folded input ``(N, C, T, V*M')`` -> each person's pooled features ``(N, M', channels[-1])``.
+
+        ``M'`` is ``num_persons`` or fewer: then the input holds the first ``M'`` person slots only and
+        ``data_bn`` normalises them with those slots' statistics, which is exact in eval mode only
+        (in training BN's batch statistics would cover the missing slots too).
+        """
         n, c, t, vm = x.shape
-        m = self.cfg.num_persons
-        v = vm // m
+        v = NUM_JOINTS
+        m = vm // v
         x = x.reshape(n, c * t, v, m).permute(0, 3, 2, 1)  # N, M, V, C*T
-        x = self.data_bn(x.reshape(n, m * v * c, t))  # N, M*V*C, T
+        x = x.reshape(n, m * v * c, t)
+        if m == self.cfg.num_persons:
+            x = self.data_bn(x)  # N, M*V*C, T
+        else:
+            if self.training or m > self.cfg.num_persons:
+                raise ValueError(f"{m} person slots need eval mode and at most {self.cfg.num_persons}")
+            k, bn = m * v * c, self.data_bn
+            x = F.batch_norm(
+                x, bn.running_mean[:k], bn.running_var[:k], bn.weight[:k], bn.bias[:k], False, 0.0, bn.eps
+            )
         x = x.reshape(n * m, v, c, t).permute(0, 2, 3, 1)  # N*M, C, T, V
         x = self.units(x)  # N*M, C', T', V
         c_out = x.shape[1]
-        return x.reshape(n, m, c_out, -1).mean(3).mean(1)  # N, C'
+        return x.reshape(n, m, c_out, -1).mean(3)  # N, M, C'
+
+    def features_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Folded input ``(N, C, T, V*M)`` -> pooled features ``(N, channels[-1])`` (mean over persons)."""
+        return self.person_features_folded(x).mean(1)  # N, C'
 
     def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.features_folded(x)))

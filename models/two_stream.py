@@ -24,6 +24,7 @@ from torch import nn
 
 from models import features
 from models.ctrgcn import CTRGCN, CTRGCNConfig
+from models.skeleton import NUM_JOINTS
 
 FUSIONS = ("sum", "concat", "attention")
 
@@ -93,6 +94,49 @@ class MultiStream(nn.Module):
     def forward(self, joints: torch.Tensor) -> torch.Tensor:
         scores, feats = self.per_stream(joints)
         return self.fuse(scores, feats)
+
+
+class SoloStreams(nn.Module):
+    """A trained :class:`MultiStream` for clips whose later person slots are empty: the same scores
+    from one person's work instead of ``M``'s.
+
+    Takes joints ``(N, 3, frames, 25, 1)`` (person 1) and returns the fused scores the full model
+    gives that clip with the other slots all zeros, as the pipeline stores a one-person sample and
+    as every one-person action of NTU arrives. Every layer of a stream treats the persons
+    separately until their pooled features are averaged, and an absent person's input is zeros, so
+    its pooled features are a constant for a given number of frames: computed once here (eval mode,
+    so ``model``'s BN statistics are frozen) and added back. Only valid for ``frames`` frames, the
+    window the loader samples; inference only.
+    """
+
+    def __init__(self, model: MultiStream, frames: int):
+        super().__init__()
+        self.model = model.eval()
+        self.frames = frames
+        persons = {m.cfg.num_persons for m in model.streams.values()}
+        if len(persons) != 1:
+            raise ValueError(f"streams disagree on the number of persons: {sorted(persons)}")
+        self.persons = persons.pop()
+        with torch.no_grad():
+            zeros = features.fold(torch.zeros(1, 3, frames, NUM_JOINTS, self.persons))
+            absent = [
+                model.streams[n].person_features_folded(stream_input(zeros, n, self.persons))[0, 1:].sum(0)
+                for n in model.names
+            ]  # S x (F,): the absent slots' pooled features, summed
+        self.register_buffer("absent", torch.cat(absent))
+
+    def forward(self, person: torch.Tensor) -> torch.Tensor:
+        folded = features.fold(person)  # N, C, T, V
+        feats, start = [], 0
+        for name in self.model.names:
+            stream = self.model.streams[name]
+            own = stream.person_features_folded(stream_input(folded, name, 1))[:, 0]  # N, F
+            absent = self.absent[start : start + stream.feature_dim]
+            feats.append((own + absent) / self.persons)
+            start += stream.feature_dim
+        names = self.model.names
+        scores = torch.stack([self.model.streams[n].fc(f) for n, f in zip(names, feats, strict=True)])
+        return self.model.fuse(scores, torch.cat(feats, dim=1))
 
 
 def fit_fusion_head(

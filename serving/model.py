@@ -6,7 +6,9 @@ MLflow into a temporary directory and searched for its ``manifest.json``), check
 
 - ``tensorrt``: the bundle's TensorRT engine (:class:`stages.export.TensorRTRunner`, CUDA only);
 - ``fp32`` / ``int8``: that ONNX model in ONNX Runtime on the best available provider of
-  TensorRT, CUDA, CPU;
+  TensorRT, CUDA, CPU; with ``fp32``, clips whose second person is absent go through the bundle's
+  one-person graph (``model.solo.onnx``, the same scores for half the work) unless ``settings.solo``
+  is off;
 - ``auto``: the engine when the bundle has one and CUDA works, else ``fp32``.
 
 Nothing a client sends is unpickled; the model files are opened only after their checksums match.
@@ -98,7 +100,7 @@ def ort_providers() -> list[str]:
     return [p for p in PROVIDERS if p in available]
 
 
-def _onnx(bundle_dir: Path, meta: dict, kind: str, threads: int) -> tuple[Callable, dict]:
+def _onnx(bundle_dir: Path, meta: dict, kind: str, threads: int, solo: bool = True) -> tuple[Callable, dict]:
     name = meta["files"].get(kind)
     if not name:
         raise ModelError(f"{bundle_dir}: the bundle has no {kind} model (files: {meta['files']})")
@@ -109,7 +111,27 @@ def _onnx(bundle_dir: Path, meta: dict, kind: str, threads: int) -> tuple[Callab
         "provider": session.get_providers()[0],
         "providers": session.get_providers(),
     }
-    return partial(export.ort_scores, session), info
+    run = partial(export.ort_scores, session)
+    solo_name = meta["files"].get("solo") if kind == "fp32" and solo else None
+    if solo_name:  # bundles before the one-person graph have none
+        solo_session = export.ort_session(bundle_dir / solo_name, threads, ort_providers())
+        run = partial(route_solo, run, partial(export.ort_scores, solo_session), meta["input"]["window"])
+        info["solo"] = solo_name
+    return run, info
+
+
+def route_solo(full: Callable, solo: Callable, frames: int, clips: np.ndarray) -> np.ndarray:
+    """Scores of ``clips`` ``(N, 3, T, 25, 2)``: those of ``frames`` frames whose second person is all
+    zeros (absent) through the one-person graph ``solo``, the rest through ``full``."""
+    alone = ~clips[:, :, :, :, 1:].any(axis=(1, 2, 3, 4)) if clips.shape[2] == frames else None
+    if alone is None or not alone.any():
+        return full(clips)
+    if alone.all():
+        return solo(np.ascontiguousarray(clips[..., :1]))
+    one = solo(np.ascontiguousarray(clips[alone][..., :1]))
+    scores = np.empty((len(clips), one.shape[1]), dtype=one.dtype)
+    scores[alone], scores[~alone] = one, full(clips[~alone])
+    return scores
 
 
 def _tensorrt(bundle_dir: Path, meta: dict) -> tuple[Callable, dict]:
@@ -126,19 +148,22 @@ def _tensorrt(bundle_dir: Path, meta: dict) -> tuple[Callable, dict]:
     return runner, {"kind": "tensorrt", "file": name, "provider": "TensorRT", "providers": ["TensorRT"]}
 
 
-def open_runtime(bundle_dir: Path, meta: dict, runtime: str, threads: int) -> tuple[Callable, dict]:
-    """The ``run(clips) -> scores`` function for ``runtime`` and a description of what it uses."""
+def open_runtime(
+    bundle_dir: Path, meta: dict, runtime: str, threads: int, solo: bool = True
+) -> tuple[Callable, dict]:
+    """The ``run(clips) -> scores`` function for ``runtime`` and a description of what it uses
+    (``solo``: one-person clips through the bundle's one-person graph, with the fp32 model)."""
     if runtime in ("fp32", "int8"):
-        return _onnx(bundle_dir, meta, runtime, threads)
+        return _onnx(bundle_dir, meta, runtime, threads, solo)
     if runtime == "tensorrt":
         return _tensorrt(bundle_dir, meta)
     if meta["files"].get("tensorrt") and export.tensorrt_available() is None:
         try:
             return _tensorrt(bundle_dir, meta)
         except Exception as exc:  # an engine built for another GPU or TensorRT version: fall back
-            run, info = _onnx(bundle_dir, meta, "fp32", threads)
+            run, info = _onnx(bundle_dir, meta, "fp32", threads, solo)
             return run, {**info, "tensorrt_skipped": str(exc)}
-    return _onnx(bundle_dir, meta, "fp32", threads)
+    return _onnx(bundle_dir, meta, "fp32", threads, solo)
 
 
 def load(settings: Settings) -> LoadedModel:
@@ -159,7 +184,7 @@ def load(settings: Settings) -> LoadedModel:
         cores = os.cpu_count() or 1
         workers = settings.workers or (cores if ort_providers()[0] == "CPUExecutionProvider" else 1)
         threads = settings.threads or max(1, cores // workers)
-        run, info = open_runtime(bundle_dir, meta, settings.runtime, threads)
+        run, info = open_runtime(bundle_dir, meta, settings.runtime, threads, settings.solo)
     except BaseException:
         cleanup.close()
         raise

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads per model call (0 = cores / workers, at least 1)"
     )
+    solo: bool = Field(
+        True,
+        description="run clips whose second person is absent through the bundle's one-person graph "
+        "(model.solo.onnx: the same scores from half the work; fp32 runtime only)",
+    )
 
     # -- security --
     api_key: SecretStr | None = Field(

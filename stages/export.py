@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ import torch
 
 from models.ctrgcn import CTRGCNConfig
 from models.skeleton import MAX_PERSONS, NUM_JOINTS
-from models.two_stream import MultiStream
+from models.two_stream import MultiStream, SoloStreams
 from stages import bundle
 from stages.dataset import LoaderParams, SkeletonDataset
 from stages.features import FeaturesParams
@@ -118,15 +118,17 @@ def _quiet() -> Iterator[None]:
             raise
 
 
-def export_onnx(model: torch.nn.Module, path: Path, opset: int = 18, frames: int = 64) -> None:
-    """Export ``model`` (joints -> scores) to ``path`` with dynamic batch and T, one file."""
+def export_onnx(
+    model: torch.nn.Module, path: Path, opset: int = 18, frames: int = 64, persons: int = MAX_PERSONS
+) -> None:
+    """Export ``model`` (joints -> scores) to ``path``, one file: dynamic batch, and dynamic T unless
+    the model is a :class:`SoloStreams` (fixed to its ``frames``)."""
     model = model.eval().cpu()
-    example = torch.zeros(2, 3, frames, NUM_JOINTS, MAX_PERSONS)
+    example = torch.zeros(2, 3, frames, NUM_JOINTS, persons)
     example[:, :, :, :, 0] = torch.randn(2, 3, frames, NUM_JOINTS, generator=torch.Generator().manual_seed(0))
-    dims = {
-        0: torch.export.Dim("batch", min=1, max=4096),
-        2: torch.export.Dim("frames", min=MIN_FRAMES, max=4096),
-    }
+    dims = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if not isinstance(model, SoloStreams):
+        dims[2] = torch.export.Dim("frames", min=MIN_FRAMES, max=4096)
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(
             model,
@@ -452,7 +454,14 @@ def run(
                 lambda c: session.run([OUTPUT], {INPUT: c}), one, params.latency_runs
             ),
         }
-        files = {"fp32": fp32.name, "int8": None, "tensorrt": None}
+        files = {"fp32": fp32.name, "int8": None, "tensorrt": None, "solo": None}
+        if model_persons(model) == MAX_PERSONS:
+            solo = work / "model.solo.onnx"
+            report["solo"], solo_run = export_solo(model, solo, params, loader.window, clips)
+            latency["onnx_fp32_solo"] = batch1_latency_ms(
+                solo_run, np.ascontiguousarray(one[..., :1]), params.latency_runs
+            )
+            files["solo"] = solo.name
         if params.int8:
             int8 = work / "model.int8.onnx"
             calib, _ = split_clips(
@@ -509,6 +518,41 @@ def run(
     if metrics_path is not None:
         write_metrics(metrics_path, report)
     return report
+
+
+def model_persons(model: MultiStream) -> int:
+    return next(iter(model.streams.values())).cfg.num_persons
+
+
+def export_solo(
+    model: MultiStream, path: Path, params: ExportParams, window: int, clips: np.ndarray
+) -> tuple[dict, Callable]:
+    """Export the one-person graph (:class:`SoloStreams`, T fixed to ``window``) and check it on
+    ``clips`` with their second person removed against the full PyTorch model; returns the report
+    and a batch-1 ``run(person)``. Raises :class:`ExportError` when the two disagree."""
+    export_onnx(SoloStreams(model, window), path, params.opset, window, persons=1)
+    alone = clips.copy()
+    alone[..., 1:] = 0
+    ref = torch_scores(model, alone)
+    session = ort_session(path, params.threads)
+    got = ort_scores(session, np.ascontiguousarray(alone[..., :1]))
+    graph = graph_report(path)
+    report = {
+        "samples": len(clips),
+        "max_abs_diff": float(np.abs(ref - got).max()),
+        "top1_agreement": round(float(np.mean(ref.argmax(1) == got.argmax(1))), 6),
+        "frames": window,
+        "bytes": path.stat().st_size,
+        "nodes": graph["nodes"],
+        "max_intermediate_rank": graph["max_intermediate_rank"],
+    }
+    print(
+        f"export: one-person graph: max |diff| {report['max_abs_diff']:.2e} against the full model with "
+        f"the second person removed, top-1 agreement {report['top1_agreement']:.2%}"
+    )
+    if report["top1_agreement"] < 1.0 or report["max_abs_diff"] > params.parity_tolerance:
+        raise ExportError(f"the one-person graph disagrees with the full model: {report}")
+    return report, lambda c: session.run([OUTPUT], {INPUT: c})
 
 
 def write_bundle(

@@ -103,6 +103,28 @@ def test_four_stream_export_computes_motion_in_the_graph(tmp_path):
     )
 
 
+def test_one_person_graph_matches_the_full_model_without_a_second_person(tiny_bundle):
+    report = tiny_bundle.report["solo"]
+    assert report["top1_agreement"] == 1.0 and report["max_abs_diff"] < 1e-4
+    assert report["max_intermediate_rank"] <= 4 and report["frames"] == 64
+    meta = json.loads((tiny_bundle.bundle_dir / "bundle.json").read_text())
+    assert meta["files"]["solo"] == "model.solo.onnx"
+    assert "model.solo.onnx" in json.loads((tiny_bundle.bundle_dir / "manifest.json").read_text())["files"]
+    model, _ = export.load_fused(tiny_bundle.model_path)
+    (inp,) = onnx.load(str(tiny_bundle.bundle_dir / "model.solo.onnx")).graph.input
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1:] == [3, 64, 25, 1]  # dynamic batch, the window's T
+    x = np.random.default_rng(3).normal(0, 0.3, size=(5, 3, 64, 25, 2)).astype(np.float32)
+    x[..., 1] = 0
+    session = export.ort_session(tiny_bundle.bundle_dir / "model.solo.onnx")
+    np.testing.assert_allclose(
+        export.ort_scores(session, np.ascontiguousarray(x[..., :1])),
+        export.torch_scores(model, x),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
 # ---- INT8, TensorRT, report ----------------------------------------------------------------
 
 
@@ -111,7 +133,7 @@ def test_int8_and_tensorrt_are_reported(tiny_bundle):
     int8 = report["int8"]
     assert int8["calibration_samples"] == 16 and int8["in_bundle"]
     assert 0 < int8["bytes"] < report["onnx"]["bytes"]
-    assert set(report["latency_ms_batch1"]) == {"torch_eager", "onnx_fp32", "onnx_int8"}
+    assert set(report["latency_ms_batch1"]) == {"torch_eager", "onnx_fp32", "onnx_fp32_solo", "onnx_int8"}
     q = onnx.load(str(tiny_bundle.bundle_dir / "model.int8.onnx"))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in q.graph.node}
     if export.tensorrt_available() is None:
@@ -135,7 +157,12 @@ def test_tensorrt_engine_matches_onnx(tiny_bundle):  # pragma: no cover - GPU ma
 def test_bundle_verifies_and_describes_the_model(tiny_bundle):
     meta = bundle.verify(tiny_bundle.bundle_dir)
     assert [c["id"] for c in meta["labels"]] == [8, 9, 50]
-    assert meta["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx", "tensorrt": None}
+    assert meta["files"] == {
+        "fp32": "model.onnx",
+        "int8": "model.int8.onnx",
+        "tensorrt": None,
+        "solo": "model.solo.onnx",
+    }
     assert meta["input"]["window"] == 64 and meta["fusion_weights"] == {"joint": 0.6, "bone": 0.6}
     assert from_mapping("loader", LoaderParams, meta["sampling"]) == LoaderParams()
     assert meta["version"] == bundle.sha256_file(tiny_bundle.bundle_dir / "model.onnx")[:12]

@@ -770,9 +770,28 @@ def test_framework_errors_keep_the_error_shape(tiny_bundle):
     _is_error(c.get("/probe?n=1"), 500, "internal", "internal error (RuntimeError)")
 
 
+def test_one_person_clips_take_the_one_person_graph_with_the_same_scores(tiny_bundle):
+    on = model_loader.load(settings_for(tiny_bundle.bundle_dir))
+    off = model_loader.load(settings_for(tiny_bundle.bundle_dir, solo=False))
+    assert on.runtime["solo"] == "model.solo.onnx" and "solo" not in off.runtime
+    x = np.random.default_rng(4).normal(0, 0.3, size=(5, 3, 64, 25, 2)).astype(np.float32)
+    x[[0, 2, 3], ..., 1] = 0  # a batch of one-person and two-person clips, mixed
+    calls = []
+    full = lambda c: calls.append(("full", len(c))) or off.run(c)  # noqa: E731
+    solo = lambda c: calls.append(("solo", c.shape)) or off.run(np.concatenate([c, 0 * c], -1))  # noqa: E731
+    routed = model_loader.route_solo(full, solo, 64, x)
+    assert calls == [("solo", (3, 3, 64, 25, 1)), ("full", 2)]
+    np.testing.assert_allclose(routed, off.run(x), atol=1e-6)
+    np.testing.assert_allclose(on.run(x), off.run(x), atol=1e-4, rtol=1e-4)  # the real graphs
+    calls.clear()
+    model_loader.route_solo(full, solo, 64, x[:, :, :50])  # another length: the full graph only
+    assert calls == [("full", 5)]
+
+
 def test_runtimes(tiny_bundle):
     int8 = model_loader.load(settings_for(tiny_bundle.bundle_dir, runtime="int8"))
     assert int8.runtime["kind"] == "int8" and int8.runtime["file"] == "model.int8.onnx"
+    assert "solo" not in int8.runtime  # the one-person graph is fp32: not mixed into an INT8 runtime
     assert int8.run(np.zeros((2, 3, 64, 25, 2), np.float32)).shape == (2, 3)
     with pytest.raises(model_loader.ModelError, match="no TensorRT engine"):
         model_loader.load(settings_for(tiny_bundle.bundle_dir, runtime="tensorrt"))

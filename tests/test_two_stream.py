@@ -8,7 +8,7 @@ import torch
 
 from models import features
 from models.ctrgcn import CTRGCN, config_for
-from models.two_stream import MultiStream, fit_fusion_head
+from models.two_stream import MultiStream, SoloStreams, fit_fusion_head
 
 
 def test_folded_streams_equal_the_shared_feature_math():
@@ -65,3 +65,28 @@ def test_bad_configurations_are_rejected():
         MultiStream({"velocity": config_for("small", 3)})
     with pytest.raises(ValueError, match="number of classes"):
         MultiStream({"joint": config_for("small", 3), "bone": config_for("small", 4)})
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat", "attention"])
+def test_one_person_model_gives_the_full_models_scores(fusion):
+    torch.manual_seed(2)
+    streams = ("joint", "bone", "joint_motion")
+    model = MultiStream({s: config_for("small", 5) for s in streams}, fusion=fusion, weights={"joint": 0.6})
+    with torch.no_grad():  # BN statistics of the second slot unlike the first, so slot 2 is not a copy
+        model.train()
+        for _ in range(3):
+            x = torch.randn(8, 3, 48, 25, 2)
+            x[..., 1] = x[..., 1] * 3 + 1
+            model(x)
+    model.eval()
+    x = torch.randn(4, 3, 48, 25, 2)
+    x[..., 1] = 0
+    solo = SoloStreams(model, 48)
+    with torch.no_grad():
+        full, alone = model(x), solo(x[..., :1])
+        assert torch.allclose(alone, full, atol=1e-5)
+        # the absent person's features are what makes it exact: without them the scores move
+        solo.absent.zero_()
+        assert not torch.allclose(solo(x[..., :1]), full, atol=1e-3)
+    with pytest.raises(ValueError, match="eval mode"):
+        model.streams["joint"].train().person_features_folded(features.fold(x[..., :1]))
