@@ -8,12 +8,14 @@ split well across threads, and the event loop's own work (HTTP, JSON, validation
 a core (measured in ``benchmarks/serve_load.py``).
 
 :class:`MicroBatcher` queues the clips of concurrent requests: once a worker is free, a batch starts
-with the first waiting request and takes every request arriving within ``window_s`` of it while the
-batch holds at most ``max_clips`` clips (a request larger than that runs alone), then runs as one model
-call while the next batch gathers. While every worker is busy the queue grows, so the next batch takes
-what arrived meanwhile. A failed call fails each request of its batch with the same error; a request
-whose client went away is dropped from its batch; stopping lets the calls in progress answer and fails
-whatever still waits. No request hangs.
+with the first waiting request and takes every request already waiting and, while another batch is
+on the model, every request arriving within ``window_s`` of it, as long as the batch holds at most
+``max_clips`` clips (a request larger than that runs alone); then it runs as one model call while
+the next batch gathers. With no other batch running a request starts at once: under light load a
+wait would only add its length to the latency. While every worker is busy the queue grows, so the
+next batch takes what arrived meanwhile. A failed call fails each request of its batch with the same
+error; a request whose client went away is dropped from its batch; stopping lets the calls in
+progress answer and fails whatever still waits. No request hangs.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class _Waiting:
 
 
 class MicroBatcher(Predictor):
-    """Groups the clips of requests arriving within ``window_s`` into one model call."""
+    """Groups the clips of requests arriving within ``window_s`` (while the model is busy) into one call."""
 
     def __init__(
         self,
@@ -157,7 +159,8 @@ class MicroBatcher(Predictor):
         """Add to ``batch`` (its first request in it) the requests that join it within the window;
         return the one that did not fit, which opens the next batch."""
         size = sum(len(w.clips) for w in batch)
-        deadline = asyncio.get_running_loop().time() + self.window_s
+        wait = self.window_s if self._running else 0.0  # idle model: a lone request does not wait
+        deadline = asyncio.get_running_loop().time() + wait
         while size < self.max_clips:
             try:
                 item = self._queue.get_nowait()
@@ -211,6 +214,7 @@ class MicroBatcher(Predictor):
                     w.future.set_result((scores[start : start + len(w.clips)], info))
                 start += len(w.clips)
         finally:
+            self._running.discard(asyncio.current_task())  # before the next batch looks at it
             self._free.release()
 
     @staticmethod

@@ -561,6 +561,35 @@ def test_micro_batcher_groups_splits_and_never_hangs():
     assert [b.requests for _, b in results] == [3, 3, 3, 1]
 
 
+def test_micro_batcher_waits_for_more_only_while_the_model_is_busy():
+    calls = []
+
+    def run(x):
+        calls.append(len(x))
+        time.sleep(0.3)
+        return x[:, :1]
+
+    async def scenario():
+        batcher = MicroBatcher(run, window_s=0.25, max_clips=32, workers=2)
+        await batcher.start()
+        one = np.ones((1, 2), np.float32)
+        start = time.perf_counter()
+        await batcher.predict(one)  # the model is idle: no window to wait for
+        lone = time.perf_counter() - start
+        first = asyncio.ensure_future(batcher.predict(one))
+        await asyncio.sleep(0.05)  # the first runs on one worker; these arrive 0.1 s apart
+        rest = [asyncio.ensure_future(batcher.predict(one))]
+        await asyncio.sleep(0.1)
+        rest.append(asyncio.ensure_future(batcher.predict(one)))
+        await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return lone
+
+    lone = asyncio.run(scenario())
+    assert lone < 0.3 + 0.2  # the call, not the call plus the 0.25 s window
+    assert calls == [1, 1, 2]  # the later two waited on the free worker for each other
+
+
 def test_micro_batcher_delivers_a_failed_call_to_every_request():
     def run(x):
         if (x < 0).any():
