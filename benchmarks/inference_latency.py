@@ -1,11 +1,13 @@
-"""Batch-1 inference latency of the fused model: PyTorch eager, ONNX Runtime fp32, ONNX Runtime INT8.
+"""Batch-1 inference latency of the fused model: PyTorch eager, ONNX Runtime fp32 and INT8, and the
+one-person graph the server runs for clips without a second person.
 
-One clip ``(B=1, C=3, T=64, V=25, M=2)``, the same ``--threads`` for every runtime, all measured in
-this run: ``--rounds`` rounds, the runtimes in alternating order, ``--runs`` timed calls each; the
-median per runtime and its speed-up over PyTorch eager are printed.
+One one-person clip ``(B=1, C=3, T=64, V=25, M=2)``, second person zeros, the same ``--threads``
+for every runtime, all measured in this run: ``--rounds`` rounds, the runtimes in alternating order,
+``--runs`` timed calls each; the median per runtime and its speed-up over PyTorch eager are printed.
 
 - default: the trained default model (``data/evaluate/model.pt``) and its bundle
-  (``data/export/bundle``: ``model.onnx``, ``model.int8.onnx``), as ``dvc repro`` made them;
+  (``data/export/bundle``: ``model.onnx``, ``model.int8.onnx``, ``model.solo.onnx``), as ``dvc repro``
+  made them;
 - ``--size full``: an untrained two-stream model of the published CTR-GCN size, exported and
   quantised here (calibrated on random clips: right for timing, not for accuracy).
 
@@ -26,7 +28,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from models.ctrgcn import config_for
-    from models.two_stream import MultiStream
+    from models.two_stream import MultiStream, SoloStreams
     from stages import export, training
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size == "default":
         model, _ = export.load_fused(args.model)
         fp32, int8 = args.bundle / "model.onnx", args.bundle / "model.int8.onnx"
+        solo = args.bundle / "model.solo.onnx"
     else:
         torch.manual_seed(0)
         model = MultiStream({s: config_for(args.size, 120) for s in ("joint", "bone")}).eval()
@@ -52,14 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         export.export_onnx(model, fp32)
         calib = np.random.default_rng(0).normal(0, 0.3, size=(32, 3, 64, 25, 2)).astype(np.float32)
         export.quantize_int8(fp32, int8, calib)
+        solo = Path(tmp.name) / "m.solo.onnx"
+        export.export_onnx(SoloStreams(model, args.frames), solo, frames=args.frames, persons=1)
     params = sum(p.numel() for p in model.parameters())
     x = np.zeros((1, 3, args.frames, 25, 2), dtype=np.float32)
     x[..., 0] = np.random.default_rng(1).normal(0, 0.3, size=(1, 3, args.frames, 25))
     runtimes = {"pytorch eager": lambda c: export.torch_scores(model, c)}
-    for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8)):
+    for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8), ("ort fp32 one-person", solo)):
         if path.exists():
             session = export.ort_session(path, args.threads)
-            runtimes[name] = lambda c, s=session: s.run(["scores"], {"joints": c})
+            persons = 1 if path == solo else 2  # the one-person graph takes person 1 only
+            runtimes[name] = lambda c, s=session, m=persons: s.run(
+                ["scores"], {"joints": np.ascontiguousarray(c[..., :m])}
+            )
         else:
             print(f"{name}: {path} missing, skipped", file=sys.stderr)
     times: dict[str, list[float]] = {name: [] for name in runtimes}
@@ -71,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         f"fused joint+bone CTR-GCN ({args.size}, {params / 1e6:.3f} M parameters), B=1 T={args.frames} M=2, "
         f"{args.threads} threads, median of {args.rounds} x {args.runs} calls"
     )
-    print(f"{'runtime':<18} {'median ms':>10} {'p90 ms':>8} {'speed-up':>9}")
+    print(f"{'runtime':<20} {'median ms':>10} {'p90 ms':>8} {'speed-up':>9}")
     for name, ts in times.items():
         med, p90 = statistics.median(ts), float(np.percentile(ts, 90))
-        print(f"{name:<18} {med:>10.2f} {p90:>8.2f} {base / med:>8.2f}x")
+        print(f"{name:<20} {med:>10.2f} {p90:>8.2f} {base / med:>8.2f}x")
     tmp.cleanup()
     return 0
 

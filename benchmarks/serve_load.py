@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="NTU_SERVE_WORKERS (0 = the server's default)")
     ap.add_argument("--threads", type=int, default=0, help="NTU_SERVE_THREADS (0 = the server's default)")
     ap.add_argument("--batching", default="off,on", help="micro-batching settings to run")
+    ap.add_argument("--solo", default="on", choices=("on", "off"), help="NTU_SERVE_SOLO")
     ap.add_argument("--fps", type=float, default=30.0, help="WebSocket frame rate (0: skip the stream)")
     ap.add_argument("--stream-frames", type=int, default=410, help="frames streamed (window 90 + 40 strides)")
     ap.add_argument("--log", type=Path, default=Path("/tmp/serve_load.log"))
@@ -266,12 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     clip_path = args.clip or default_clip(args.raw_dir)
     clip = load_clip(clip_path)
     body = json.dumps({"clip": clip.tolist()}).encode()
-    env = {"NTU_SERVE_WORKERS": str(args.workers), "NTU_SERVE_THREADS": str(args.threads)}
+    env = {
+        "NTU_SERVE_WORKERS": str(args.workers),
+        "NTU_SERVE_THREADS": str(args.threads),
+        "NTU_SERVE_SOLO": str(args.solo == "on").lower(),
+    }
     call_ms, prep_ms, runtime = raw_ort_ms(args.bundle, clip, env, runs=200)
     print(
         f"clip {clip_path.name}: M={clip.shape[0]} T={clip.shape[1]}, {len(body) / 1024:.0f} KiB JSON, "
         f"{runtime['clips']} model clip(s); {os.cpu_count()} cores; {runtime['kind']} on "
-        f"{runtime['provider']}, {runtime['workers']} worker(s) x {runtime['threads']} thread(s)"
+        f"{runtime['provider']}, {runtime['workers']} worker(s) x {runtime['threads']} thread(s), "
+        f"one-person graph: {runtime.get('solo', 'off')}"
     )
     print(f"raw ONNX Runtime call {call_ms:.2f} ms, + preprocessing {prep_ms:.2f} ms (medians, in-process)")
     print(
