@@ -9,7 +9,9 @@ and the median is reported with the ratio to the published code measured in the 
 - ``published+malloc``: the same with our allocator setting (to show what that setting alone gives);
 - ``ours``: ``models.ctrgcn`` with the training runtime's settings (``stages.training``);
 - ``ours-onnx``: the same model (same weights) exported to ONNX (:func:`stages.export.export_onnx`) and
-  run by ONNX Runtime, the runtime the server uses: batch-1 latency only (no training column).
+  run by ONNX Runtime, the runtime the server uses: batch-1 latency only (no training column);
+- ``ours-bf16``: ``ours`` under bf16 autocast (``train.amp: bf16``), an opt-in for CPUs with native
+  bf16 (AVX512-BF16 / AMX); the header says whether this CPU has it (without it bf16 is emulated).
 
 On CUDA (``--device cuda``) it compares fp32 eager against bf16 autocast + ``torch.compile`` of
 ``ours`` instead. The two models compute the same function (``tests/test_ctrgcn.py``), so speed is
@@ -29,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS_CPU = ("published", "published+malloc", "ours", "ours-onnx")
+VARIANTS_CPU = ("published", "published+malloc", "ours", "ours-onnx", "ours-bf16")
 VARIANTS_CUDA = ("ours-fp32-eager", "ours-bf16-compile")
 
 
@@ -43,6 +45,14 @@ def onnx_latency(path: str, threads: int, steps: int, frames: int) -> dict:
     x = np.random.default_rng(0).normal(size=(1, 3, frames, 25, 2)).astype(np.float32)
     ms = export.batch1_latency_ms(lambda c: session.run(None, {export.INPUT: c}), x, steps * 3)
     return {"train_samples_per_s": float("nan"), "latency_ms": ms}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN uses it."""
+    import torch
+
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check()) or bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def measure(variant: str, size: str, threads: int, steps: int, batch: int, frames: int, device: str) -> dict:
@@ -68,12 +78,12 @@ def measure(variant: str, size: str, threads: int, steps: int, batch: int, frame
         model = CTRGCN(cfg)
     dev = torch.device(device)
     model = model.to(dev)
-    bf16 = variant == "ours-bf16-compile"
-    if bf16:
+    bf16 = variant in ("ours-bf16-compile", "ours-bf16")
+    if bf16 and device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    run_model = torch.compile(model) if bf16 else model
+    run_model = torch.compile(model) if variant == "ours-bf16-compile" else model
     fused = {"fused": True} if device == "cuda" else {}
     opt = torch.optim.SGD(
         model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=4e-4, **fused
@@ -172,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         f"CTR-GCN {args.size}, B={args.batch} T={args.frames} M=2, {args.threads} threads, {args.device}, "
         f"median of {args.rounds} rounds (baseline: {base})"
     )
+    if args.device == "cpu":
+        print(f"native bf16 on this CPU: {'yes' if cpu_has_bf16() else 'no (ours-bf16 is emulated)'}")
     print(f"{'variant':<20} {'train samples/s':>16} {'x':>6} {'batch-1 ms':>11} {'x':>6}")
     for v, m in med.items():
         speed = m["train_samples_per_s"] / med[base]["train_samples_per_s"]
