@@ -455,7 +455,7 @@ def run(
             ),
         }
         files = {"fp32": fp32.name, "int8": None, "tensorrt": None, "solo": None}
-        if model_persons(model) == MAX_PERSONS:
+        if model_persons(model) > 1:
             solo = work / "model.solo.onnx"
             report["solo"], solo_run = export_solo(model, solo, params, loader.window, clips)
             latency["onnx_fp32_solo"] = batch1_latency_ms(

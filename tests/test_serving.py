@@ -682,23 +682,25 @@ def test_stopping_answers_running_and_fails_waiting_requests(where):
         return x
 
     async def scenario():
-        window, size = (0.0, 1) if where == "running" else (30.0, 8)  # gathering: a 30 s window
-        batcher = MicroBatcher(blocked, window, size)
+        # running: one worker, the others queue behind the first call; gathering: a second worker
+        # is free, so the others gather into a batch for the 30 s window while the first call runs
+        window, size, workers = (0.0, 1, 1) if where == "running" else (30.0, 8, 2)
+        batcher = MicroBatcher(blocked, window, size, workers=workers)
         await batcher.start()
+        first = asyncio.create_task(batcher.predict(np.ones((1, 1), np.float32)))
+        await asyncio.sleep(0.05)  # the first request is in the model
         tasks = [asyncio.create_task(batcher.predict(np.ones((1, 1), np.float32))) for _ in range(3)]
         await asyncio.sleep(0.05)
         stopping = asyncio.create_task(batcher.stop())
         await asyncio.sleep(0.05)
         release.set()
         await asyncio.wait_for(stopping, 5)
-        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        return await asyncio.wait_for(asyncio.gather(first, *tasks, return_exceptions=True), 5)
 
     started = time.perf_counter()
     results = asyncio.run(scenario())
-    if where == "running":
-        assert results[0][0].tolist() == [[1.0]]
-        results = results[1:]
-    assert all(isinstance(r, RuntimeError) and "shutting down" in str(r) for r in results), results
+    assert results[0][0].tolist() == [[1.0]]
+    assert all(isinstance(r, RuntimeError) and "shutting down" in str(r) for r in results[1:]), results
     assert time.perf_counter() - started < 2
 
 
