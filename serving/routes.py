@@ -14,10 +14,13 @@ otherwise), ``GET /metrics`` (Prometheus).
 - ``POST /v1/predict/file``: a raw NTU ``.skeleton`` file as the multipart field ``file``, parsed and
   denoised by the parse stage's code; a malformed file gets the parser's reason.
 - ``POST /v1/predict/video``: an ``.avi`` / ``.mp4`` video as the multipart field ``file``: the pose
-  estimator finds and tracks up to two people (:mod:`serving.video`), and the action model names their
-  action per window of ``video_window`` frames; ``skeletons=true`` (query or form field) adds the
-  tracked skeletons. 503 ``no_pose_model`` while no pose export is loaded (the other routes still
-  work); an unreadable video, a video too short or too long, or one with nobody in it get 422.
+  estimator finds and tracks up to two people (:mod:`serving.video`), and the video action model
+  (``video_bundle_dir``: the action model fine-tuned on the estimator's skeletons; the clip model when
+  there is no such bundle) names their action per window of ``video_window`` frames;
+  ``skeletons=true`` (query or form field) adds the tracked skeletons. 503 ``no_pose_model`` while no
+  pose export is loaded (the other routes still work), and 503 ``no_video_model`` when the configured
+  video bundle failed verification; an unreadable video, a video too short or too long, or one with
+  nobody in it get 422.
 
 JSON bodies must be sent as ``application/json`` (415 otherwise); ``NaN``/``Infinity`` literals are
 read, and refused as ``not_finite`` with the place of the first one.
@@ -50,6 +53,7 @@ from .schemas import (
     ErrorBody,
     Health,
     ModelInfo,
+    ModelRef,
     PoseRef,
     PredictRequest,
     PredictResponse,
@@ -198,7 +202,10 @@ async def model_info(service: Service_, model: Model_) -> ModelInfo:
             **model.runtime,
             "micro_batching": service.micro_batching,
             "max_batch_size": s.max_batch_size,
-            "video": service.pose.describe() if service.pose else {"unavailable": service.pose_reason},
+            "video": {
+                **(service.pose.describe() if service.pose else {"unavailable": service.pose_reason}),
+                "action_model": service.describe_video_model(),
+            },
         },
         source=model.source,
     )
@@ -274,10 +281,9 @@ def _skeletons(skeleton: video.VideoSkeleton) -> VideoSkeletons:
 
 
 @v1.post("/predict/video", response_model=VideoResponse, openapi_extra=_VIDEO_UPLOAD)
-async def predict_video(
-    request: Request, service: Service_, model: Model_, skeletons: bool = False
-) -> VideoResponse:
+async def predict_video(request: Request, service: Service_, skeletons: bool = False) -> VideoResponse:
     pose = service.require_pose()  # 503 no_pose_model without the pose export
+    action_model, predictor = service.require_video_model()  # 503 when a video bundle was refused
     if _media_type(request) != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "upload the video as multipart/form-data, field 'file'")
     options = video.VideoOptions.from_settings(service.settings)
@@ -301,13 +307,14 @@ async def predict_video(
         )
     pose_ms = (time.perf_counter() - started) * 1000
     inputs = await run_in_threadpool(
-        video_actions.window_clips, skeleton.joints, model, options.window, options.stride
+        video_actions.window_clips, skeleton.joints, action_model, options.window, options.stride
     )
-    predictions = inputs.choose(await service.predict(inputs.prepared, inputs.counts))
+    scored = await service.predict_with(predictor, inputs.prepared, inputs.counts, action_model.labels)
+    predictions = inputs.choose(scored)
     actions_ms = (time.perf_counter() - started) * 1000 - pose_ms
     total_ms = (time.perf_counter() - received) * 1000
     return VideoResponse(
-        model=service.ref,
+        model=ModelRef(name=action_model.meta["name"], version=action_model.meta["version"]),
         pose_model=PoseRef(version=pose.version, provider=pose.provider),
         frames=skeleton.frames,
         fps=round(info.fps, 3),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from pathlib import Path
 
 import anyio
 import numpy as np
@@ -52,6 +53,11 @@ class Service:
         self.pose: PoseRuntime | None = None  # the video endpoint's pose estimator (optional)
         self.pose_reason = "the pose model is still loading"
         self.video_limiter: anyio.CapacityLimiter | None = None
+        # the video path's action model (settings.video_bundle_dir); None: videos get the clip model,
+        # unless video_model_error says why the configured one is refused
+        self.video_model: LoadedModel | None = None
+        self.video_predictor: Predictor | None = None
+        self.video_model_error: str | None = None
 
     async def start(self) -> None:
         """Load the models; on failure keep serving /health and answer 503 with the reason."""
@@ -77,6 +83,7 @@ class Service:
         else:
             self.predictor = Predictor(self.model.run, self.metrics.observe_batch, self.model.workers)
         await self.predictor.start()
+        await self._start_video_model()
         self.metrics.ready.set(1)
         log.info(
             "serving: %s %s (%s)", self.model.meta["name"], self.model.meta["version"], self.model.runtime
@@ -99,8 +106,63 @@ class Service:
             return
         log.info("serving: pose estimator %s", self.pose.describe())
 
+    async def _start_video_model(self) -> None:
+        """Load ``video_bundle_dir``'s model for the video endpoint; absent: videos get the clip model."""
+        where = self.settings.video_bundle_dir
+        if where is None or not Path(where).exists():
+            return
+        settings = self.settings.model_copy(update={"bundle_dir": Path(where), "model_uri": None})
+        try:
+            self.video_model = await run_in_threadpool(model_loader.load, settings)
+        except Exception as exc:  # tampered or unloadable: only the video endpoint refuses (503)
+            self.video_model_error = f"the video model at {where} could not be loaded: {exc}"
+            log.error("serving: %s", self.video_model_error)
+            return
+        model = self.video_model
+        self.video_predictor = Predictor(model.run, self.metrics.observe_batch, model.workers)
+        await self.video_predictor.start()
+        meta = self.video_model.meta
+        log.info("serving: video action model %s %s", meta["name"], meta["version"])
+
+    def require_video_model(self) -> tuple[LoadedModel, Predictor]:
+        """The action model and predictor for videos: the video bundle's, else the clip model's; 503
+        when a configured video bundle was refused."""
+        if self.video_model_error is not None:
+            raise ApiError(503, "no_video_model", self.video_model_error)
+        if self.video_model is not None and self.video_predictor is not None:
+            return self.video_model, self.video_predictor
+        model = self.require()
+        if self.predictor is None:
+            raise ApiError(503, "not_ready", self.reason)
+        return model, self.predictor
+
+    def describe_video_model(self) -> dict:
+        if self.video_model_error is not None:
+            return {"unavailable": self.video_model_error}
+        if self.video_model is None:
+            return {"model": "the clip model", "why": f"no video bundle at {self.settings.video_bundle_dir}"}
+        meta = self.video_model.meta
+        return {"name": meta["name"], "version": meta["version"], "source": self.video_model.source}
+
+    async def predict_with(
+        self, predictor: Predictor, prepared: list[np.ndarray], frames: list[int], labels: list[dict]
+    ) -> list[Prediction]:
+        """One call of ``predictor`` for the clips of ``prepared`` (one array per sample)."""
+        scores, batch = await predictor.predict(np.concatenate(prepared))
+        out, start = [], 0
+        for clips, n in zip(prepared, frames, strict=True):
+            piece = scores[start : start + len(clips)]
+            out.append(summarise_scores(piece, labels, self.settings.top_k, n, batch.inference_ms))
+            start += len(clips)
+        return out
+
     async def stop(self) -> None:
         self.pose, self.pose_reason = None, "the server has stopped"
+        if self.video_predictor is not None:
+            await self.video_predictor.stop()
+        if self.video_model is not None:
+            self.video_model.cleanup.close()
+        self.video_model, self.video_predictor = None, None
         self.metrics.ready.set(0)
         if self.predictor is not None:
             await self.predictor.stop()
@@ -140,12 +202,7 @@ class Service:
         """One model call for the clips of ``prepared`` (one array per sample), one prediction each."""
         if self.predictor is None:
             raise ApiError(503, "not_ready", self.reason)
-        scores, batch = await self.predictor.predict(np.concatenate(prepared))
-        out, start = [], 0
-        for clips, n in zip(prepared, frames, strict=True):
-            out.append(self.summarise(scores[start : start + len(clips)], n, batch))
-            start += len(clips)
-        return out
+        return await self.predict_with(self.predictor, prepared, frames, self.require().labels)
 
     async def predict_prepared(self, prepare: Prepare) -> Prediction:
         """The prediction for one sample: ``prepare()`` -> ``(clips, frames)`` (validation and

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         description="the export_pose stage's output (checksummed); without it only the video endpoint "
         "answers 503",
     )
+    video_bundle_dir: Path | None = Field(
+        Path("data/export_video/bundle"),
+        description="the export_video stage's bundle: the action model fine-tuned on the pose estimator's "
+        "skeletons, used for videos (checksummed like bundle_dir; when the directory does not exist, "
+        "videos get the clip model; when it fails verification, the video endpoint answers 503)",
+    )
     max_video_bytes: int = Field(50 * MiB, ge=1024, description="largest /v1/predict/video upload")
     video_max_frames: int = Field(900, ge=1, description="longest video analysed, in frames")
     video_min_frames: int = Field(16, ge=1, description="shortest video analysed, in frames")

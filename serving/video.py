@@ -66,6 +66,8 @@ THRESHOLD = _SETTINGS["video_threshold"].default  # 0.3: person-centre probabili
 BATCH_FRAMES = 8  # frames per detector call
 GAP_FRAMES = 10  # an actor missed for at most this many frames is interpolated across them
 SMOOTH_RADIUS = 2  # each actor's joints: mean over 5 frames
+VIDEO_BUNDLE = _SETTINGS["video_bundle_dir"].default  # the export_video stage's bundle
+CLIP_BUNDLE = _SETTINGS["bundle_dir"].default  # the export stage's
 
 
 @dataclass(frozen=True)
@@ -358,7 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video", required=True, type=Path, help="an .avi / .mp4 (anything OpenCV decodes)")
     ap.add_argument("--out", type=Path, help="write the annotated video here (.mp4 or .avi)")
     ap.add_argument("--pose-dir", type=Path, default=Path("data/export_pose"), help="export_pose's output")
-    ap.add_argument("--bundle-dir", type=Path, default=Path("data/export/bundle"), help="the action bundle")
+    ap.add_argument(
+        "--bundle-dir",
+        type=Path,
+        help=f"the action bundle (default: {VIDEO_BUNDLE}, the model fine-tuned on estimated skeletons, "
+        f"when it exists, else {CLIP_BUNDLE})",
+    )
     ap.add_argument("--top", type=int, default=3, help="actions listed per window")
     ap.add_argument("--window-frames", type=int, default=WINDOW_FRAMES, help="0: one window")
     ap.add_argument("--stride", type=int, default=STRIDE_FRAMES, help="frames between windows")
@@ -379,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     model = None
     try:
         runtime = PoseRuntime.load(args.pose_dir, args.threads)
-        model = load_model(Settings(bundle_dir=args.bundle_dir, model_uri=None, threads=args.threads))
+        bundle_dir = args.bundle_dir or (VIDEO_BUNDLE if VIDEO_BUNDLE.exists() else CLIP_BUNDLE)
+        model = load_model(Settings(bundle_dir=bundle_dir, model_uri=None, threads=args.threads))
+        print(f"action model: {model.meta['name']} {model.meta['version']} ({bundle_dir})")
         started = time.perf_counter()
         info, skeleton = skeleton_from_file(args.video, runtime, options)
         print(f"video: {_describe(info, skeleton, time.perf_counter() - started)}")

@@ -611,9 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features-dir", required=True, type=Path)
     ap.add_argument("--out-dir", required=True, type=Path, help="gets bundle/ (replaced atomically)")
     ap.add_argument("--metrics", type=Path, help="write the report here (DVC metrics)")
+    ap.add_argument("--name", help="the bundle's name (default: export.name)")
     args = ap.parse_args(argv)
     try:
         params = load_section(args.params, "export", ExportParams)
+        if args.name:
+            params = dataclasses.replace(params, name=args.name)
         loader = load_section(args.params, "loader", LoaderParams)
         features_params = load_section(args.params, "features", FeaturesParams)
         run(

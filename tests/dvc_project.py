@@ -52,6 +52,8 @@ def make_project(project: Path) -> Path:
     params["train_pose"]["recipe"].update(epochs=1, batch_size=8)
     params["export_pose"].update(latency_runs=2)
     params["evaluate_video"].update(videos_per_class=1)
+    params["video_skeletons"].update(workers=1)
+    params["finetune_video"]["recipe"].update(epochs=1, batch_size=8)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     dvc(project, "init", "-q")

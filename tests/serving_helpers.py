@@ -28,6 +28,7 @@ TEST_SETTINGS = {
     "model_uri": None,
     # no pose export unless a test passes one: never the working tree's data/export_pose
     "pose_dir": Path("/nonexistent/export_pose"),
+    "video_bundle_dir": None,  # videos get the clip model unless a test passes a video bundle
 }
 
 

@@ -29,6 +29,9 @@ def test_repro_builds_the_dataset_then_skips_everything(built_project):
         "pose_data",
         "train_pose",
         "export_pose",
+        "video_skeletons",
+        "finetune_video",
+        "export_video",
         "evaluate_video",
     )
     for stage in stages:
@@ -65,3 +68,10 @@ def test_repro_builds_the_dataset_then_skips_everything(built_project):
     assert (project / "data/export_pose/keypoints.onnx").exists()
     video = json.loads((project / "data/reports/video/metrics.json").read_text())
     assert video["videos"] > 0 and 0.0 <= video["video_top1"] <= 1.0
+    assert 0.0 <= video["video_top1_base"] <= 1.0 and video["video_model"] == "ntu120-ctrgcn-video"
+    estimated = json.loads((project / "data/reports/video_skeletons.json").read_text())
+    assert estimated["videos"] > 0 and estimated["true_samples"] == estimated["videos"]
+    finetuned = json.loads((project / "data/reports/finetune_video/metrics.json").read_text())
+    assert finetuned["samples"] == estimated["estimated_samples"] + estimated["true_samples"]
+    video_bundle = bundle.verify(project / "data/export_video/bundle")
+    assert video_bundle["name"] == "ntu120-ctrgcn-video" and video_bundle["version"] != meta["version"]

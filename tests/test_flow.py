@@ -354,7 +354,15 @@ def test_flow_runs_every_stage_as_one_experiment(flow_project):
     assert stages == dvc_commands.stage_order(flow_project) and [s for s in stages if s in core] == core
     # The project was built with 2 epochs of both streams: what depends on the joint stream's training
     # runs again; the data and the pose branch are unchanged.
-    again = {"train_gcn@joint", "evaluate", "export", "package", "evaluate_video"}
+    again = {
+        "train_gcn@joint",
+        "evaluate",
+        "export",
+        "package",
+        "finetune_video",
+        "export_video",
+        "evaluate_video",
+    }
     assert result.stages == {s: "ran" if s in again else "unchanged" for s in stages}
 
     runs = task_runs(state.state_details.flow_run_id)

@@ -45,7 +45,12 @@ def fuzzed_app(tiny_bundle, tmp_path_factory):
     pose_dir = pose_export(tmp_path_factory).dir  # the video route fuzzed with a pose model loaded
     yield create_app(
         Settings(
-            bundle_dir=tiny_bundle.bundle_dir, pose_dir=pose_dir, api_key=None, max_frames=300, max_batch=4
+            bundle_dir=tiny_bundle.bundle_dir,
+            pose_dir=pose_dir,
+            video_bundle_dir=None,
+            api_key=None,
+            max_frames=300,
+            max_batch=4,
         )
     )
     asgi.shutdown_lifespans()
