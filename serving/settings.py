@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -86,7 +86,8 @@ class Settings(BaseSettings):
         Path("data/export_video/bundle"),
         description="the export_video stage's bundle: the action model fine-tuned on the pose estimator's "
         "skeletons, used for videos (checksummed like bundle_dir; when the directory does not exist, "
-        "videos get the clip model; when it fails verification, the video endpoint answers 503)",
+        "videos get the clip model, as when it is set empty; when it fails verification, the video "
+        "endpoint answers 503)",
     )
     max_video_bytes: int = Field(50 * MiB, ge=1024, description="largest /v1/predict/video upload")
     video_max_frames: int = Field(900, ge=1, description="longest video analysed, in frames")
@@ -111,6 +112,11 @@ class Settings(BaseSettings):
         3.0, ge=0, le=1000, description="how long a batch waits for more requests after its first"
     )
     max_batch_size: int = Field(32, ge=1, description="most clips in one grouped model call")
+
+    @field_validator("video_bundle_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _no_unknown_variables(self) -> Settings:

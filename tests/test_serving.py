@@ -770,6 +770,10 @@ def test_settings_defaults_environment_and_errors(monkeypatch):
     assert (s.micro_batching, s.batch_window_ms, s.max_batch_size, s.runtime) == (None, 3.0, 32, "auto")
     assert (s.workers, s.threads) == (0, 0)  # resolved when the model loads: one worker per core on CPU
     assert str(s.bundle_dir) == "data/export/bundle" and s.api_key is None and s.model_uri is None
+    assert str(s.video_bundle_dir) == "data/export_video/bundle"
+    monkeypatch.setenv("NTU_SERVE_VIDEO_BUNDLE_DIR", " ")
+    assert Settings().video_bundle_dir is None  # set empty: videos get the clip model
+    monkeypatch.delenv("NTU_SERVE_VIDEO_BUNDLE_DIR")
     monkeypatch.setenv("NTU_SERVE_TOP_K", "2")
     monkeypatch.setenv("NTU_SERVE_API_KEY", "hunter2")
     s = Settings()
