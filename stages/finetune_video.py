@@ -10,7 +10,8 @@ dropped people) gained nothing; training it on the estimator's own output gains 
 nothing on Kinect skeletons (README, measured before this stage existed). So this stage starts from
 ``evaluate``'s fused model and trains it further on the training videos' estimated skeletons
 (:mod:`stages.video_skeletons`) and, with ``true_skeletons``, on the same samples' ``.skeleton``
-joints, every stream with its own cross-entropy (the fused model's streams keep their fusion weights).
+joints, every stream with its own cross-entropy (a score-sum fusion keeps its weights; a learned
+fusion head is fitted again on the fine-tuned streams, as ``evaluate`` fits it).
 Inputs get the pipeline's normalisation (:func:`stages.features.normalise`) and the training crop and
 resize of the loader (:func:`stages.dataset.sample_clips`), as the streams were trained.
 
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from models import sampling
+from models.two_stream import fit_fusion_head
 from stages import training, video_skeletons
 from stages.dataset import LoaderParams, SkeletonDataset, make_loader, sample_clips
 from stages.export import ExportError, load_fused
@@ -117,6 +119,25 @@ def stream_losses(
     with torch.no_grad():
         fused = model.fuse(scores, feats.float())
     return loss, fused
+
+
+def refit_fusion(
+    model, xs: list[np.ndarray], ys: np.ndarray, loader: LoaderParams, rt, batch_size: int
+) -> None:
+    """Fit a learned fusion head (``concat``, ``attention``) again on the training samples' centre
+    clips through the fine-tuned streams, as ``evaluate`` fits it on the train split."""
+    scores, feats = [], []
+    with torch.inference_mode():
+        for start in range(0, len(xs), batch_size):
+            clips = [sample_clips(x, loader, False)[0] for x in xs[start : start + batch_size]]
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(clips), dtype=np.float32)).to(rt.device)
+            with rt.autocast():
+                s, f = model.per_stream(x)
+            scores.append(s.float().cpu())
+            feats.append(f.float().cpu())
+    device = next(model.parameters()).device
+    fit_fusion_head(model.cpu(), torch.cat(scores, 1), torch.cat(feats), torch.from_numpy(ys))
+    model.to(device).eval()
 
 
 @torch.inference_mode()
@@ -201,6 +222,8 @@ def run(
             flush=True,
         )
     model.eval()
+    if model.head is not None:  # a learned fusion: refitted on the fine-tuned streams' outputs
+        refit_fusion(model, xs, ys, loader, rt, params.eval_batch_size)
     test_top1 = skeleton_test_top1(
         model, Path(features_dir), meta["benchmark"], loader, rt, params.eval_batch_size
     )

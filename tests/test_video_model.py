@@ -306,3 +306,40 @@ def test_the_service_names_video_actions_with_the_video_model(
     finally:
         video_model.cleanup.close()
         clip_model.cleanup.close()
+
+
+def test_a_learned_fusion_head_is_fitted_again(estimated, tiny_bundle, tmp_path):
+    from models.ctrgcn import config_for
+    from models.two_stream import MultiStream
+    from stages import evaluate
+
+    _, meta = export.load_fused(tiny_bundle.model_path)
+    names, ids = list(meta["class_names"]), list(meta["class_ids"])
+    torch.manual_seed(1)
+    model = MultiStream({s: config_for("small", len(names)) for s in ("joint", "bone")}, fusion="concat")
+    record = evaluate.fused_record(model.eval(), names, ids, "ntu120_xsub", LoaderParams(), {})
+    torch.save(record, tmp_path / "concat.pt")
+    params = finetune_video.FinetuneVideoParams(recipe=_recipe(1), eval_batch_size=16)
+    finetune_video.run(
+        params,
+        LoaderParams(),
+        FeaturesParams(),
+        model_path=tmp_path / "concat.pt",
+        skeletons_dir=estimated.dir,
+        features_dir=tiny_bundle.features_dir,
+        out_dir=tmp_path / "model",
+        reports_dir=tmp_path / "reports",
+    )
+    after, _ = export.load_fused(tmp_path / "model" / "model.pt")
+    assert after.fusion == "concat"
+    assert not torch.equal(after.head.weight, model.head.weight)
+    # the saved head is the one fitted on the *fine-tuned* streams' outputs for the training samples
+    xs, ys, _ = finetune_video.training_samples(video_skeletons.load(estimated.dir), ids, True, False)
+    again, _ = export.load_fused(tmp_path / "model" / "model.pt")
+    torch.nn.init.zeros_(again.head.weight)
+    rt = training.setup_runtime("cpu", "off", "off")
+    finetune_video.refit_fusion(again, xs, ys, LoaderParams(), rt, 16)
+    torch.testing.assert_close(again.head.weight, after.head.weight)
+    before_streams, _ = export.load_fused(tmp_path / "concat.pt")
+    finetune_video.refit_fusion(before_streams, xs, ys, LoaderParams(), rt, 16)
+    assert not torch.allclose(before_streams.head.weight, after.head.weight, atol=1e-4)
