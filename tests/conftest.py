@@ -9,6 +9,39 @@ from stages import features as features_stage
 from stages import parse, synthesize
 from tests.dvc_project import BuiltProject, dvc, make_project
 
+# The modules that use the built tiny project (``built_project``: one ``dvc repro`` of the whole DAG, the
+# suite's longest setup). Under xdist (``-n 2`` in pyproject) they run in one worker, which builds it
+# once; every other test is handed out on its own.
+TINY_PROJECT_MODULES = ("tests/test_dvc_pipeline.py", "tests/test_flow.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's ``load`` distribution with the tests of :data:`TINY_PROJECT_MODULES` as one unit of work.
+
+    (xdist's own ``loadgroup`` marks do not group under pytest 9, whose node ids can no longer be
+    suffixed with the group name.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TinyProjectTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tiny_project" if nodeid.split("::")[0] in TINY_PROJECT_MODULES else nodeid
+
+    return TinyProjectTogether(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """Give schemathesis' items their operation as parameters in the node id.
+
+    Under pytest 9 the items of one ``schema.parametrize`` test (one per API operation) share one node
+    id: the operation is only in the item's name. xdist would then run one of them and drop the rest.
+    """
+    for item in items:
+        original = getattr(item, "originalname", item.name)
+        if item.name.startswith(original + "[") and item.nodeid.endswith("::" + original):
+            item._id = item._id.with_params(item.name[len(original) + 1 : -1])
+
 
 @pytest.fixture(scope="session")
 def tiny_features(tmp_path_factory):

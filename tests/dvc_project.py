@@ -44,7 +44,7 @@ def make_project(project: Path) -> Path:
     params["train"].update(eval_every=2, workers=0)
     params["train"]["recipes"]["adamw"].update(epochs=2, batch_size=16)
     params["evaluate"].update(multi_clips=0, workers=0)
-    params["export"].update(calibration_samples=32, latency_runs=3)
+    params["export"].update(calibration_samples=32, latency_runs=3, parity_samples=48)  # 3 per class
     # the pose branch at a token size: 1 small video per class, one short epoch
     params["render"].update(width=256, videos_per_class=1, workers=1)
     params["pose_data"].update(frame_stride=8, crop_size=64, frame_width=128, workers=1)

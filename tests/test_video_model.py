@@ -111,9 +111,10 @@ def test_worker_processes_give_the_same_store(corpus, estimated, tmp_path, tmp_p
     ):
         assert sorted(one.files) == sorted(two.files)
         for key in one.files:
-            np.testing.assert_allclose(one[key], two[key], atol=1e-5) if one[key].dtype.kind == "f" else (
+            if one[key].dtype.kind == "f":
+                np.testing.assert_allclose(one[key], two[key], atol=1e-5)
+            else:
                 np.testing.assert_array_equal(one[key], two[key])
-            )
 
 
 def test_stage_errors_are_clear(corpus, tmp_path, tmp_path_factory, capsys):
@@ -251,7 +252,7 @@ def video_bundle(finetuned, tiny_bundle, tmp_path_factory):
     """The fine-tuned model exported as the export_video stage exports it (its own name)."""
     out = tmp_path_factory.mktemp("export_video")
     params = export.ExportParams(
-        calibration_samples=16, latency_runs=3, int8=False, name="ntu120-ctrgcn-video"
+        calibration_samples=16, latency_runs=3, parity_samples=16, int8=False, name="ntu120-ctrgcn-video"
     )
     export.run(
         params,
