@@ -15,11 +15,12 @@ so ``overhead`` = service p50 at 1 client / raw call - 1 is what HTTP, JSON, val
 preprocessing add.
 
 The clip is a raw ``.skeleton`` file of the default data (``--clip``, default: the first test-split
-file of ``data/raw/synthetic``), parsed by the pipeline's parser and posted as ``(M, T, 25, 3)`` JSON.
+file of ``data/raw/synthetic``), parsed by the pipeline's parser and posted as ``(M, T, 25, 3)`` JSON
+(``--body npy``: as float32 ``.npy`` bytes, ``Content-Type: application/x-npy``).
 The clients are raw asyncio HTTP/1.1 keep-alive connections with pre-encoded requests, so that the
 client process takes as little of the shared cores as possible.
 
-    python -m benchmarks.serve_load [--clients 1,8,32] [--seconds 15] [--threads 0]
+    python -m benchmarks.serve_load [--clients 1,8,32] [--seconds 15] [--threads 0] [--body json|npy]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -99,9 +101,9 @@ def server(bundle: Path, port: int, env: dict[str, str], log: Path) -> Iterator[
             proc.wait()
 
 
-def post_request(port: int, path: str, body: bytes) -> bytes:
+def post_request(port: int, path: str, body: bytes, media_type: str = "application/json") -> bytes:
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {media_type}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -262,11 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=30.0, help="WebSocket frame rate (0: skip the stream)")
     ap.add_argument("--stream-frames", type=int, default=410, help="frames streamed (window 90 + 40 strides)")
     ap.add_argument("--log", type=Path, default=Path("/tmp/serve_load.log"))
+    ap.add_argument(
+        "--body", default="json", choices=("json", "npy"), help="the clip as JSON, or as float32 .npy bytes"
+    )
     args = ap.parse_args(argv)
 
     clip_path = args.clip or default_clip(args.raw_dir)
     clip = load_clip(clip_path)
-    body = json.dumps({"clip": clip.tolist()}).encode()
+    if args.body == "npy":
+        buf = io.BytesIO()
+        np.save(buf, clip.astype(np.float32), allow_pickle=False)
+        body, media_type, kind = buf.getvalue(), "application/x-npy", "float32 .npy"
+    else:
+        body, media_type, kind = json.dumps({"clip": clip.tolist()}).encode(), "application/json", "JSON"
     env = {
         "NTU_SERVE_WORKERS": str(args.workers),
         "NTU_SERVE_THREADS": str(args.threads),
@@ -274,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     call_ms, prep_ms, runtime = raw_ort_ms(args.bundle, clip, env, runs=200)
     print(
-        f"clip {clip_path.name}: M={clip.shape[0]} T={clip.shape[1]}, {len(body) / 1024:.0f} KiB JSON, "
+        f"clip {clip_path.name}: M={clip.shape[0]} T={clip.shape[1]}, {len(body) / 1024:.0f} KiB {kind}, "
         f"{runtime['clips']} model clip(s); {os.cpu_count()} cores; {runtime['kind']} on "
         f"{runtime['provider']}, {runtime['workers']} worker(s) x {runtime['threads']} thread(s), "
         f"one-person graph: {runtime.get('solo', 'off')}"
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         batching = {"NTU_SERVE_MICRO_BATCHING": str(mode == "on").lower()}
         with server(args.bundle, port, env | batching, args.log) as base:
-            request = post_request(port, "/v1/predict", body)
+            request = post_request(port, "/v1/predict", body, media_type)
             for clients in (int(c) for c in args.clients.split(",")):
                 before = batch_stats(base)
                 load = asyncio.run(run_load(port, request, clients, args.warmup, args.seconds))

@@ -47,6 +47,7 @@ from . import video, video_actions, video_io
 from .errors import ApiError
 from .model import LoadedModel
 from .schemas import (
+    NPY_MEDIA_TYPE,
     BatchItem,
     BatchRequest,
     BatchResponse,
@@ -63,6 +64,7 @@ from .schemas import (
     VideoTiming,
     VideoWindow,
     describe_errors,
+    npy_clip,
     plain_clip,
 )
 from .service import Service, key_matches
@@ -97,14 +99,15 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def json_bytes(request: Request) -> bytes:
-    """The request body: 415 unless it is JSON."""
+async def json_bytes(request: Request, other: str = "") -> bytes:
+    """The request body: 415 unless it is JSON (``other``: the route's other accepted body, named in
+    the message)."""
     media = _media_type(request)
     if media != "application/json" and not media.endswith("+json"):
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"send JSON with Content-Type: application/json (got {media or 'none'})",
+            f"send JSON with Content-Type: application/json{other} (got {media or 'none'})",
         )
     return await request.body()
 
@@ -211,13 +214,26 @@ async def model_info(service: Service_, model: Model_) -> ModelInfo:
     )
 
 
-@v1.post("/predict", response_model=PredictResponse, openapi_extra=_json_schema(PredictRequest))
-async def predict(request: Request, service: Service_) -> PredictResponse:
-    body = await json_bytes(request)
+_PREDICT_BODY = _json_schema(PredictRequest)
+_PREDICT_BODY["requestBody"]["content"][NPY_MEDIA_TYPE] = {
+    "schema": {"type": "string", "format": "binary", "description": "the clip array as np.save writes it"}
+}
 
-    def prepare() -> tuple[np.ndarray, int]:  # a bad body or clip: 422 (ApiError, ClipError)
-        clip = plain_clip(body)  # None: not plain numbers; pydantic reads it and says what is wrong
-        return service.prepare_clip(parse(PredictRequest, body).clip if clip is None else clip)
+
+@v1.post("/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY)
+async def predict(request: Request, service: Service_) -> PredictResponse:
+    if _media_type(request) == NPY_MEDIA_TYPE:
+        body = await request.body()
+
+        def prepare() -> tuple[np.ndarray, int]:  # a bad body or clip: 422 (ClipError)
+            return service.prepare_clip(npy_clip(body))
+
+    else:
+        body = await json_bytes(request, f" (or {NPY_MEDIA_TYPE}: the clip array as np.save writes it)")
+
+        def prepare() -> tuple[np.ndarray, int]:  # a bad body or clip: 422 (ApiError, ClipError)
+            clip = plain_clip(body)  # None: not plain numbers; pydantic reads it and says what is wrong
+            return service.prepare_clip(parse(PredictRequest, body).clip if clip is None else clip)
 
     prediction = await service.predict_prepared(prepare)
     return PredictResponse(model=service.ref, **prediction.model_dump())

@@ -5,10 +5,14 @@ A clip is JSON nested arrays of numbers: ``(T, 25, 3)`` for one person or ``(M, 
 types only (numbers, no strings or booleans; ``NaN``/``Infinity`` literals and numbers too large for a
 float are let through); the shape, length and values are checked by :mod:`stages.preprocess`, the
 pipeline's own validation, so a rejected clip gets that module's reason and code.
+
+``POST /v1/predict`` also takes the clip as numpy's ``.npy`` bytes (``Content-Type:
+application/x-npy``, :func:`npy_clip`): the same array without the JSON text.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import re
@@ -20,6 +24,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, WithJsonSchema
 
 from models.skeleton import MAX_PERSONS, NUM_JOINTS
+from stages.preprocess import ClipError
 
 Number = Annotated[float, Strict()]  # ints are numbers too; "1.5" and true are not
 
@@ -133,6 +138,39 @@ def plain_clip(body: bytes) -> np.ndarray | None:
         return np.fromiter(flat, dtype=np.float64, count=math.prod(dims)).reshape(dims)
     except (orjson.JSONDecodeError, ValueError, TypeError, KeyError):  # "1.", "+1", "01", 1e999...
         return None
+
+
+NPY_MEDIA_TYPE = "application/x-npy"
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def npy_clip(body: bytes) -> np.ndarray:
+    """The clip of a ``POST /v1/predict`` body in numpy's ``.npy`` format (``np.save`` of the array).
+
+    Read without pickle and without ``np.load``: the header is parsed first and the data must be
+    exactly the bytes it declares, so a short body cannot make the server allocate what a forged
+    header claims. Integer and floating dtypes of any byte order are taken; the shape and values are
+    then checked by :func:`stages.preprocess.joints_from_clip` like a JSON clip's. Raises
+    :class:`~stages.preprocess.ClipError` (``bad_npy``) with what is wrong.
+    """
+    stream = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f".npy format version {version[0]}.{version[1]}; 1.0 or 2.0 needed")
+        shape, fortran, dtype = _NPY_HEADERS[version](stream)
+    except ValueError as exc:
+        raise ClipError("bad_npy", f"the body is not a .npy array ({exc})") from None
+    if dtype.kind not in "fiu" or dtype.fields is not None or dtype.subdtype is not None:
+        raise ClipError("bad_npy", f"the array's dtype is {dtype}; send float32 or float64 numbers")
+    data = memoryview(body)[stream.tell() :]
+    size = math.prod(shape) * dtype.itemsize
+    if len(data) != size:
+        raise ClipError(
+            "bad_npy", f"the header declares shape {shape} of {dtype} ({size} bytes) but {len(data)} follow"
+        )
+    array = np.frombuffer(data, dtype=dtype, count=math.prod(shape))
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
 
 class BatchRequest(_Strict):

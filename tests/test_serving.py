@@ -4,6 +4,7 @@ streaming, micro-batching, metrics, model sources. (The schema fuzz is in test_s
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -260,6 +261,79 @@ def test_non_finite_and_huge_numbers_are_refused(client, literal, words):
         "/v1/predict", content=_raw_clip(literal), headers={"Content-Type": "application/json"}
     )
     _is_error(response, 422, "not_finite", words)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+NPY = {"Content-Type": "application/x-npy"}
+
+
+def test_predict_takes_the_clip_as_npy_bytes_with_the_json_scores(client, files):
+    joints = files[TWO][1]
+    clip = np.asarray(as_clip(joints, 2))
+    want = client.post("/v1/predict", json={"clip": clip.tolist()}).json()
+    for array in (clip, clip.astype(np.float32), np.asfortranarray(clip), clip.astype(">f8"), clip[0]):
+        body = client.post("/v1/predict", content=_npy(array), headers=NPY)
+        assert body.status_code == 200, body.text
+        got = body.json()
+        atol = 1e-4 if array.dtype == np.float32 else 1e-6
+        if array.ndim == 3:  # the first person alone: its own scores, not the pair's
+            want1 = client.post("/v1/predict", json={"clip": clip[0].tolist()}).json()
+            np.testing.assert_allclose(got["scores"], want1["scores"], atol=atol)
+        else:
+            np.testing.assert_allclose(got["scores"], want["scores"], atol=atol)
+            assert got["frames"] == want["frames"] == joints.shape[1]
+
+
+def _forged(shape: str) -> bytes:
+    """A valid 4-frame clip's .npy bytes whose header claims ``shape`` (same header length)."""
+    good = _npy(np.zeros((4, 25, 3)))
+    start, end = good.index(b"(4, 25, 3)"), good.index(b"\n")
+    forged = good[:start] + (shape + "}").encode().ljust(end - start) + good[end:]
+    assert len(forged) == len(good) and forged != good
+    return forged
+
+
+BAD_NPY = [
+    ("empty", b"", "bad_npy", "not a .npy array"),
+    ("not npy", b"[[1, 2, 3]]", "bad_npy", "not a .npy array"),
+    ("npz", None, "bad_npy", "magic string"),
+    ("truncated", _npy(np.zeros((4, 25, 3)))[:-8], "bad_npy", "float64 (2400 bytes) but 2392 follow"),
+    ("trailing bytes", _npy(np.zeros((4, 25, 3))) + b"\0", "bad_npy", "but 2401 follow"),
+    ("forged header", _forged("(9999999999, 25, 3)"), "bad_npy", "(9999999999, 25, 3) of float64"),
+    ("strings", _npy(np.array([["a"]])), "bad_npy", "dtype is <u1"),
+    ("complex", _npy(np.zeros((4, 25, 3), complex)), "bad_npy", "dtype is complex128"),
+    ("record", _npy(np.zeros(4, [("x", "f4")])), "bad_npy", "dtype is [('x', '<f4')]"),
+    ("wrong shape", _npy(np.zeros((4, 25, 2))), "bad_shape", "got 25 joints of 2"),
+    ("no frames", _npy(np.zeros((0, 25, 3))), "empty", "0 frames"),
+    ("nan", _npy(np.full((4, 25, 3), np.nan)), "not_finite", "NaN or infinite"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "code", "words"), [c[1:] for c in BAD_NPY], ids=[c[0] for c in BAD_NPY])
+def test_bad_npy_bodies_get_422_with_the_reason(client, body, code, words):
+    if body is None:
+        buf = io.BytesIO()
+        np.savez(buf, clip=np.zeros((4, 25, 3)))
+        body = buf.getvalue()
+    _is_error(client.post("/v1/predict", content=body, headers=NPY), 422, code, words)
+
+
+def test_a_pickled_npy_is_refused_unread(client, monkeypatch):
+    """An object array (np.save pickles it) is refused by its header: nothing is unpickled."""
+    import pickle
+
+    for name in ("load", "loads"):
+        monkeypatch.setattr(pickle, name, lambda *a, **k: pytest.fail("unpickled a client's bytes"))
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    _is_error(
+        client.post("/v1/predict", content=buf.getvalue(), headers=NPY), 422, "bad_npy", "dtype is object"
+    )
 
 
 PLAIN = [  # bodies read without pydantic, pretty-printed or not

@@ -37,6 +37,8 @@ CHECKS = [
 ]
 
 
+# POST /v1/predict also takes .npy bytes: generated as raw bytes, like an octet stream
+schemathesis.serializer.alias("application/x-npy", "application/octet-stream")
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Settings(api_key=None)))
 
 
