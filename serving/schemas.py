@@ -163,13 +163,14 @@ def npy_clip(body: bytes) -> np.ndarray:
         raise ClipError("bad_npy", f"the body is not a .npy array ({exc})") from None
     if dtype.kind not in "fiu" or dtype.fields is not None or dtype.subdtype is not None:
         raise ClipError("bad_npy", f"the array's dtype is {dtype}; send float32 or float64 numbers")
-    data = memoryview(body)[stream.tell() :]
-    size = math.prod(shape) * dtype.itemsize
-    if len(data) != size:
+    data, count = memoryview(body)[stream.tell() :], math.prod(shape)
+    if len(data) != count * dtype.itemsize:
         raise ClipError(
-            "bad_npy", f"the header declares shape {shape} of {dtype} ({size} bytes) but {len(data)} follow"
+            "bad_npy",
+            f"the header declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes) "
+            f"but {len(data)} follow",
         )
-    array = np.frombuffer(data, dtype=dtype, count=math.prod(shape))
+    array = np.frombuffer(data, dtype=dtype, count=count)
     return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
 
