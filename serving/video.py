@@ -9,7 +9,9 @@ Per frame, with the crop geometry the pose estimator was trained with (:mod:`sta
    the detector was trained on joint boxes, the crops are cut around joint boxes), and the keypoint
    graph gives 2D joints (mapped back to video pixels), root-relative 3D joints and confidences;
 3. :func:`models.pose_geometry.solve_translation`, with the NTU colour camera scaled to the video size
-   and the confidences as weights, puts each person in camera space;
+   and the confidences as weights, puts each person in camera space; a person whose 2D joints lie
+   within :data:`DUPLICATE_DISTANCE` torso lengths (mean over joints) of a higher-scoring person's in
+   the same frame is that performer found twice (a second centre peak on one body) and is dropped;
 4. a :class:`models.pose_geometry.Tracker` links each person to the same person in the frames before
    (a track, as a Kinect body ID), and the file path's body selection
    (:func:`stages.denoise.actor_records`: tracks seen in 11 frames or fewer are dropped, the one that
@@ -51,6 +53,7 @@ from stages.bundle import BundleError
 from stages.denoise import DenoiseError, actor_records
 from stages.errors import RejectedInput
 from stages.pose_data import crop_matrix, cut_crop, letterbox, square_crop
+from stages.pose_metrics import torso_size
 from stages.skeleton_text import RawSkeleton
 
 from .model import ModelError
@@ -66,6 +69,7 @@ THRESHOLD = _SETTINGS["video_threshold"].default  # 0.3: person-centre probabili
 BATCH_FRAMES = 8  # frames per detector call
 GAP_FRAMES = 10  # an actor missed for at most this many frames is interpolated across them
 SMOOTH_RADIUS = 2  # each actor's joints: mean over 5 frames
+DUPLICATE_DISTANCE = 0.5  # two people of a frame whose 2D joints lie closer than this are one (torso lengths)
 VIDEO_BUNDLE = _SETTINGS["video_bundle_dir"].default  # the export_video stage's bundle
 CLIP_BUNDLE = _SETTINGS["bundle_dir"].default  # the export stage's
 
@@ -167,6 +171,7 @@ def video_to_skeleton(
     min_frames: int = MIN_FRAMES,
     max_gap: int = GAP_FRAMES,
     smooth_radius: int = SMOOTH_RADIUS,
+    duplicate_distance: float = DUPLICATE_DISTANCE,
 ) -> VideoSkeleton:
     """Uint8 BGR frames ``(H, W, 3)`` -> :class:`VideoSkeleton`, with ``runtime`` (a
     :class:`serving.pose_runtime.PoseRuntime`) and ``camera`` (default: NTU's colour camera) scaled
@@ -184,6 +189,7 @@ def video_to_skeleton(
             raise VideoError("unreadable_video", f"frames must all be uint8 {size[0]}x{size[1]} BGR images")
         found = _people(runtime, chunk, cam, threshold, max_people, flip_test)
         for people in found:
+            people = _distinct(people, duplicate_distance)
             slots = tracker.update(np.array([p["box"] for p in people]).reshape(-1, 4))
             rows.append((people, [tracker.ids[slot] for slot in slots]))
     if not rows:
@@ -224,6 +230,24 @@ def _people(
             k += 1
         out.append(people)
     return out
+
+
+def pose_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean distance between the joints of two 2D poses ``(25, 2)``, in the larger one's torso lengths
+    (left shoulder to right hip, as in PCK; at least 1 pixel)."""
+    torso = max(float(torso_size(np.stack([a, b])).max()), 1.0)
+    return float(np.linalg.norm(a - b, axis=-1).mean() / torso)
+
+
+def _distinct(people: list[dict], distance: float) -> list[dict]:
+    """``people`` of one frame without the duplicates: a person whose 2D joints lie within ``distance``
+    (:func:`pose_distance`) of a higher-scoring person's is the same performer found twice (a second
+    centre peak on one body, whose crop gives much the same skeleton) and is dropped. ``0``: keep all."""
+    kept: list[dict] = []
+    for person in sorted(people, key=lambda p: -p["score"]):
+        if all(pose_distance(person["uv"], other["uv"]) >= distance for other in kept):
+            kept.append(person)
+    return [p for p in people if any(p is k for k in kept)]  # in the detector's order
 
 
 def _lift(box, score, crop, coords, rel, conf, crop_size: int, camera: Camera) -> dict:

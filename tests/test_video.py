@@ -196,6 +196,52 @@ def test_a_short_false_track_is_dropped_and_the_person_is_actor_1():
     assert (skeleton.joints2d[:, 0, SPINE_MIDDLE, 0] > width / 2).all()  # the person on the right
 
 
+class TwiceRuntime(BlobRuntime):
+    """:class:`BlobRuntime` that also finds each person a second time: a weaker centre peak two cells
+    to the right with the same box size, whose crop still holds the whole person (a duplicate)."""
+
+    def detect(self, frames: np.ndarray):
+        centre, size, offset = super().detect(frames)
+        n, _, ys, xs = np.nonzero(centre)
+        centre[n, 0, ys, xs + 2] = centre[n, 0, ys, xs] - 0.25
+        size[n, :, ys, xs + 2], offset[n, :, ys, xs + 2] = size[n, :, ys, xs], offset[n, :, ys, xs]
+        return centre, size, offset
+
+
+def test_a_person_found_twice_in_a_frame_is_one_actor():
+    width, height, frames = 640, 360, 16
+    camera = Camera().scaled(width, height)
+    images = []
+    for t in range(frames):
+        image = np.zeros((height, width, 3), np.uint8)
+        _draw_person(image, camera, np.array([-0.3 + 0.02 * t, -0.1, 4.0]))
+        images.append(image)
+    kept = video.video_to_skeleton(iter(images), TwiceRuntime(), min_frames=1, duplicate_distance=0)
+    assert kept.people == 2  # without the check the second box becomes actor 2, on actor 1's body
+    np.testing.assert_allclose(kept.joints2d[:, 1], kept.joints2d[:, 0], atol=0.5)
+    one = video.video_to_skeleton(iter(images), TwiceRuntime(), min_frames=1)
+    assert one.people == 1 and one.present[:, 0].all() and not one.present[:, 1].any()
+    np.testing.assert_allclose(one.joints2d[:, 0], kept.joints2d[:, 0])
+    assert (one.scores[:, 0] > 0.5).all()  # the stronger detection is the one kept
+
+
+def test_pose_distance_is_in_torso_lengths_and_duplicates_go_by_score():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 200, (NUM_JOINTS, 2))
+    shift = np.array([np.linalg.norm(a[4] - a[16]), 0.0])  # one torso (left shoulder to right hip)
+    assert video.pose_distance(a, a + 0.3 * shift) == pytest.approx(0.3)
+    assert video.pose_distance(3 * a, 3 * (a + 0.3 * shift)) == pytest.approx(0.3)  # any scale
+    people = [
+        {"uv": a + 0.2 * shift, "score": 0.4},  # the detector's order is kept...
+        {"uv": a, "score": 0.7},
+        {"uv": a + 2 * shift, "score": 0.35},  # someone else
+    ]
+    kept = video._distinct(people, 0.4)
+    assert [p["score"] for p in kept] == [0.7, 0.35]  # ...but the weaker of the two close ones goes
+    assert video._distinct(people, 0.1) == people and video._distinct(people, 0) == people
+    assert video._distinct([], 0.4) == []
+
+
 # ---- the exported (untrained) graphs on a drawn video ----------------------------------------------
 
 
