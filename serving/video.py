@@ -342,10 +342,18 @@ def _assemble(
 
 
 def skeleton_from_file(
-    path: Path, runtime, options: VideoOptions = VideoOptions(), camera: Camera | None = None
+    path: Path,
+    runtime,
+    options: VideoOptions = VideoOptions(),
+    camera: Camera | None = None,
+    *,
+    mirror: bool = False,
 ) -> tuple[VideoInfo, VideoSkeleton]:
-    """Decode the video at ``path`` and run :func:`video_to_skeleton` on it."""
+    """Decode the video at ``path`` and run :func:`video_to_skeleton` on it; ``mirror``: on its frames
+    flipped left to right (the skeletons of a mirrored performer, for training data)."""
     with open_video(path, options.max_frames) as (info, frames):
+        if mirror:
+            frames = (np.ascontiguousarray(frame[:, ::-1]) for frame in frames)
         skeleton = video_to_skeleton(
             frames,
             runtime,

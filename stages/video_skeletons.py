@@ -10,11 +10,15 @@ close that gap (:mod:`stages.finetune_video`): every training-split video (the t
 path's own code (:func:`serving.video.skeleton_from_file`, then
 :func:`serving.video_actions.window_joints` as the service lays out a whole-video window), and beside
 it the same sample's ``.skeleton`` file through the file path
-(:func:`stages.preprocess.joints_from_skeleton_file`).
+(:func:`stages.preprocess.joints_from_skeleton_file`). With ``mirrored`` each video also goes through
+the video path flipped left to right: a second estimated sample of the same action, by a mirrored
+performer, with the estimator's errors on another image (flip augmentation, in the estimator's
+output rather than the Kinect's).
 
 Output ``skeletons.npz`` (``np.load`` without pickle): per source (``estimated``, ``true``) the
 samples' joints concatenated along time, ``float32 (3, sum T, 25, 2)`` camera-space metres, with
-``<source>_offsets (N + 1,)``, ``<source>_names`` and ``<source>_actions (N,)``. A sample whose
+``<source>_offsets (N + 1,)``, ``<source>_names`` and ``<source>_actions (N,)``; a mirrored
+estimate is an ``estimated`` sample named ``<name>/mirrored``. A sample whose
 video is rejected (unreadable, nobody found) is left out of ``estimated`` and one whose ``.skeleton``
 is malformed out of both; each is listed in the summary with the reason, and the rest go on. Videos
 run in ``workers`` processes, one ONNX Runtime thread each.
@@ -55,6 +59,7 @@ class VideoSkeletonsParams:
     videos_per_class: int = 0  # training videos per class (0 = all)
     threshold: float = 0.3  # person-centre probability a detection needs (the service's default)
     flip_test: bool = False  # as the service runs by default
+    mirrored: bool = True  # also each video flipped left to right: a second estimated sample
     workers: int = 0  # processes (0 = one per core), one ONNX Runtime thread each
 
     def validate(self) -> None:
@@ -91,17 +96,19 @@ def choose_training(pairs, benchmark: str, per_class: int) -> list[tuple]:
 _WORKER: dict = {}
 
 
-def _init_worker(pose_dir: str, threads: int, threshold: float, flip_test: bool) -> None:
+def _init_worker(pose_dir: str, threads: int, threshold: float, flip_test: bool, mirrored: bool) -> None:
     from serving.pose_runtime import PoseRuntime
     from serving.video import VideoOptions
 
     _WORKER["pose"] = PoseRuntime.load(Path(pose_dir), threads=threads)
     _WORKER["options"] = VideoOptions(threshold=threshold, flip_test=flip_test, window=0)
+    _WORKER["mirrored"] = mirrored
 
 
 def estimate_one(video: str, skeleton: str) -> dict:
-    """One pair -> ``{"true", "estimated"}`` joints ``(3, T, 25, 2)`` and the video's frames; a
-    rejected side is missing and ``reason`` says why."""
+    """One pair -> ``{"true", "estimated"}`` joints ``(3, T, 25, 2)`` (and ``"mirrored"``, the mirrored
+    video's, when the worker makes them and it has someone) and the frames; a rejected side is missing
+    and ``reason`` says why."""
     from serving.video import skeleton_from_file
     from serving.video_actions import window_joints
     from stages.preprocess import joints_from_skeleton_file
@@ -119,7 +126,17 @@ def estimate_one(video: str, skeleton: str) -> dict:
     estimated = window_joints(skel.joints, 0, skel.frames)  # the service's whole-video window
     if estimated is None:
         return {"true": true, "reason": "video no_person: nobody found in any frame", "frames": skel.frames}
-    return {"estimated": estimated, "true": true, "frames": skel.frames}
+    out = {"estimated": estimated, "true": true, "frames": skel.frames}
+    if _WORKER.get("mirrored"):
+        try:
+            _, flipped = skeleton_from_file(Path(video), _WORKER["pose"], _WORKER["options"], mirror=True)
+        except RejectedInput:  # the unmirrored video was read: nobody found this way round
+            return out
+        mirrored = window_joints(flipped.joints, 0, flipped.frames)
+        if mirrored is not None:
+            out["mirrored"] = mirrored
+        out["frames"] += flipped.frames
+    return out
 
 
 def _concat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +191,7 @@ def run(
     workers = max(1, min(params.workers or os.cpu_count() or 1, len(chosen) or 1))
     started = time.perf_counter()
     results: list[dict] = []
-    init = (str(pose_dir), 1 if workers > 1 else 0, params.threshold, params.flip_test)
+    init = (str(pose_dir), 1 if workers > 1 else 0, params.threshold, params.flip_test, params.mirrored)
     if workers == 1:
         _init_worker(*init)
         results = [estimate_one(p.video, p.skeleton) for p, _ in tqdm(chosen, desc="video_skeletons")]
@@ -194,23 +211,27 @@ def run(
         for (pair, _), r in zip(chosen, results, strict=True)
         if "reason" in r
     ]
-    save(
-        Path(out_dir),
-        {
-            source: [
-                (p.name, sample.action, r[source])
-                for (p, sample), r in zip(chosen, results, strict=True)
-                if source in r
-            ]
-            for source in SOURCES
-        },
-    )
+    rows = {
+        source: [
+            (p.name, sample.action, r[source])
+            for (p, sample), r in zip(chosen, results, strict=True)
+            if source in r
+        ]
+        for source in SOURCES
+    }
+    rows["estimated"] += [
+        (f"{p.name}/mirrored", sample.action, r["mirrored"])
+        for (p, sample), r in zip(chosen, results, strict=True)
+        if "mirrored" in r
+    ]
+    save(Path(out_dir), rows)
     true_samples = sum("true" in r for r in results)
     frames = sum(r.get("frames", 0) for r in results)
     estimated = [r["estimated"] for r in results if "estimated" in r]
     summary = {
         "videos": len(chosen),
         "estimated_samples": len(estimated),
+        "mirrored_samples": sum("mirrored" in r for r in results),
         "true_samples": true_samples,
         "rejected": len(rejected),
         "rejections": rejected[:50],

@@ -72,6 +72,8 @@ def test_repro_builds_the_dataset_then_skips_everything(built_project):
     estimated = json.loads((project / "data/reports/video_skeletons.json").read_text())
     assert estimated["videos"] > 0 and estimated["true_samples"] == estimated["videos"]
     finetuned = json.loads((project / "data/reports/finetune_video/metrics.json").read_text())
-    assert finetuned["samples"] == estimated["estimated_samples"] + estimated["true_samples"]
+    assert finetuned["samples"] == sum(
+        estimated[k] for k in ("estimated_samples", "mirrored_samples", "true_samples")
+    )
     video_bundle = bundle.verify(project / "data/export_video/bundle")
     assert video_bundle["name"] == "ntu120-ctrgcn-video" and video_bundle["version"] != meta["version"]

@@ -225,6 +225,25 @@ def test_a_person_found_twice_in_a_frame_is_one_actor():
     assert (one.scores[:, 0] > 0.5).all()  # the stronger detection is the one kept
 
 
+def test_a_mirrored_read_finds_the_person_where_the_mirror_puts_it(tmp_path):
+    width, height, frames = 640, 360, 12
+    camera = Camera().scaled(width, height)
+    images = []
+    for t in range(frames):
+        image = np.zeros((height, width, 3), np.uint8)
+        _draw_person(image, camera, np.array([-0.9 + 0.02 * t, 0.05, 3.0]))  # left of centre
+        images.append(image)
+    path = write_video(tmp_path / "left.avi", images)
+    options = video.VideoOptions(min_frames=1)
+    _, straight = video.skeleton_from_file(path, BlobRuntime(), options)
+    _, mirrored = video.skeleton_from_file(path, BlobRuntime(), options, mirror=True)
+    assert straight.people == mirrored.people == 1 and mirrored.present[:, 0].all()
+    x, y = straight.joints2d[:, 0, :, 0], straight.joints2d[:, 0, :, 1]
+    assert (x < width / 2).all()
+    np.testing.assert_allclose(mirrored.joints2d[:, 0, :, 0], width - 1 - x, atol=2.0)  # JPEG frames
+    np.testing.assert_allclose(mirrored.joints2d[:, 0, :, 1], y, atol=2.0)
+
+
 def test_pose_distance_is_in_torso_lengths_and_duplicates_go_by_score():
     rng = np.random.default_rng(0)
     a = rng.uniform(0, 200, (NUM_JOINTS, 2))

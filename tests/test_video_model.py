@@ -75,10 +75,12 @@ def test_training_videos_only_through_the_video_path_and_a_bad_video_is_rejected
     corpus, estimated, tmp_path_factory
 ):
     data = video_skeletons.load(estimated.dir)
-    assert data["estimated"]["names"] == corpus.train  # the held-out performers' videos stay out
+    mirrored = [f"{name}/mirrored" for name in corpus.train]  # each video also flipped left to right
+    assert data["estimated"]["names"] == [*corpus.train, *mirrored]  # the held-out performers' stay out
     assert data["true"]["names"] == sorted([*corpus.train, corpus.broken])  # its file is still good
     summary = estimated.summary
     assert (summary["videos"], summary["estimated_samples"], summary["true_samples"]) == (4, 3, 4)
+    assert summary["mirrored_samples"] == 3
     (rejection,) = summary["rejections"]
     assert rejection["name"] == corpus.broken and rejection["reason"].startswith("video unreadable_video")
     assert json.loads(estimated.summary_path.read_text())["rejected"] == 1
@@ -90,9 +92,12 @@ def test_training_videos_only_through_the_video_path_and_a_bad_video_is_rejected
             == data["true"]["actions"][data["true"]["names"].index(name)]
             == action
         )
-        _, skeleton = video.skeleton_from_file(corpus.videos / f"{name}_rgb.avi", runtime)
-        want = video_actions.window_joints(skeleton.joints, 0, skeleton.frames)
-        np.testing.assert_array_equal(data["estimated"]["joints"][i], want)
+        path = corpus.videos / f"{name}_rgb.avi"
+        for k, mirror in ((i, False), (len(corpus.train) + i, True)):
+            assert data["estimated"]["actions"][k] == action
+            _, skeleton = video.skeleton_from_file(path, runtime, mirror=mirror)
+            want = video_actions.window_joints(skeleton.joints, 0, skeleton.frames)
+            np.testing.assert_array_equal(data["estimated"]["joints"][k], want)
         true = joints_from_skeleton_file(corpus.files[name].read_bytes())
         np.testing.assert_array_equal(data["true"]["joints"][data["true"]["names"].index(name)], true)
 
@@ -146,13 +151,13 @@ def test_training_samples_are_normalised_labelled_and_skip_unknown_classes(estim
     meta = export.load_fused(tiny_bundle.model_path)[1]
     ids = list(meta["class_ids"])
     xs, ys, from_video = finetune_video.training_samples(data, ids, True, False)
-    assert len(xs) == 7 and from_video.sum() == 3 and len(ys) == 7
+    assert len(xs) == 10 and from_video.sum() == 6 and len(ys) == 10  # 3 videos, 3 mirrored, 4 files
     want = [ids.index(int(a)) for a in [*data["estimated"]["actions"], *data["true"]["actions"]]]
     assert ys.tolist() == want
     # centred as the features stage centres: actor 1's spine-middle of the first frame at the origin
     assert all(np.abs(x[:, 0, 1, 0]).max() < 1e-6 for x in xs)
     only_video, _, flags = finetune_video.training_samples(data, ids, False, False)
-    assert len(only_video) == 3 and flags.all()
+    assert len(only_video) == 6 and flags.all()
     assert finetune_video.training_samples(data, [999], True, False)[0] == []
 
 
@@ -185,7 +190,7 @@ def test_finetune_trains_every_stream_and_reports_the_skeleton_accuracy(finetune
         assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point()), name
     torch.testing.assert_close(after.weights, before.weights)  # the fusion stays as evaluate set it
     m = finetuned.metrics
-    assert (m["samples"], m["estimated_samples"], m["epochs"]) == (7, 3, 2)
+    assert (m["samples"], m["estimated_samples"], m["epochs"]) == (10, 6, 2)
     history = (finetuned.root / "reports" / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,loss,train_top1") and len(history) == 3
     # the reported .skeleton test top-1 is the saved model's, computed again here
