@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow refuses any other character in a metric or parameter name, and with it the whole batch
+_NAME_REFUSED = re.compile(r"[^\w\-. :/]")
+
+
+def mlflow_name(key: str) -> str:
+    """A metric or parameter name MLflow accepts: ``pck@0.2`` -> ``pck_0.2`` (other names unchanged)."""
+    return _NAME_REFUSED.sub("_", key)
 
 
 class Tracker(Protocol):
@@ -102,11 +110,11 @@ class MlflowTracker:
                 self._warned = True
 
     def log_params(self, params: dict[str, Any]) -> None:
-        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        flat = {mlflow_name(k): str(v)[:6000] for k, v in flatten(params).items()}
         self._call(self._mlflow.log_params, flat)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}  # drop NaN
+        clean = {mlflow_name(k): float(v) for k, v in metrics.items() if v is not None and v == v}  # drop NaN
         self._call(self._mlflow.log_metrics, clean, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

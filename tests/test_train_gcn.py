@@ -219,6 +219,27 @@ def test_mlflow_logs_params_metrics_and_artifacts(tiny_features, tmp_path, monke
     assert artifacts == {"checkpoints/last.pt"}
 
 
+def test_mlflow_tracker_renames_what_mlflow_refuses(tmp_path, monkeypatch):
+    """MLflow rejects a whole batch over one name with ``@`` (the pose stages' ``pck@0.2``): the
+    tracker logs it as ``pck_0.2``, with the rest of the batch."""
+    import mlflow
+
+    from stages.tracking import mlflow_name, mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    with mlflow_run("ntu120_xsub", "names", "train_pose") as tracker:
+        tracker.log_params({"loss": {"joints3d@m": 10.0}})
+        tracker.log_metrics({"pck@0.2": 0.8, "mpjpe_mm": 130.0, "det recall/IoU:0.5": 0.7}, step=1)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("ntu120-xsub").experiment_id])
+    assert run.data.metrics == {"pck_0.2": 0.8, "mpjpe_mm": 130.0, "det recall/IoU:0.5": 0.7}
+    assert run.data.params == {"loss.joints3d_m": "10.0"}
+    assert mlflow_name("a@b#c") == "a_b_c"
+
+
 def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path):
     doc = params_doc(epochs=3)
     params = load_params(doc)
