@@ -173,7 +173,7 @@ class PoseConfig:
 POSE_SIZES = {
     "full": {},
     # CPU size: trains on 2 cores in minutes (~0.80 M parameters, 0.35 M of them the detector; crops
-    # 128x128 by default, 96x96 from pose_data.crop_size in the DAG)
+    # 128x128, as pose_data.crop_size makes them in the DAG)
     "small": dict(
         stem_width=32,
         stem_blocks=1,
