@@ -34,9 +34,12 @@ class Camera:
     height: int = 1080
 
     def scaled(self, width: int, height: int) -> Camera:
-        """The same camera for a video resized to ``width x height``."""
+        """The same camera for a video resized to ``width x height``; for another shape (a phone's
+        4:3 or portrait video, whose lens is unknown) the long side takes the Kinect's horizontal field
+        of view (83 degrees), so a portrait video is not given a 115-degree vertical one."""
         sx, sy = width / self.width, height / self.height
-        return Camera(self.f * sx, self.cx * sx, self.cy * sy, self.baseline, width, height)
+        f = self.f * max(width, height) / max(self.width, self.height)
+        return Camera(f, self.cx * sx, self.cy * sy, self.baseline, width, height)
 
     def project(self, xyz: np.ndarray) -> np.ndarray:
         """Camera-space ``(..., 3)`` m -> pixels ``(..., 2)`` (isotropic scaling assumed)."""

@@ -334,6 +334,7 @@ async def predict_video(request: Request, service: Service_, skeletons: bool = F
         pose_model=PoseRef(version=pose.version, provider=pose.provider),
         frames=skeleton.frames,
         fps=round(info.fps, 3),
+        analysed_fps=round(info.analysed_fps, 3),
         width=info.width,
         height=info.height,
         people=skeleton.people,

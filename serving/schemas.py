@@ -259,8 +259,12 @@ class VideoSkeletons(BaseModel):
 class VideoResponse(BaseModel):
     model: ModelRef
     pose_model: PoseRef
-    frames: int = Field(description="frames decoded")
+    frames: int = Field(description="frames analysed (at analysed_fps); window starts and ends count these")
     fps: float = Field(description="the container's frame rate (0 when it does not say)")
+    analysed_fps: float = Field(
+        description="the rate the frames were analysed at: the action model's 30 fps (frames dropped or "
+        "repeated) unless the video is within 5% of it or its rate is unknown (then the container's, or 0)"
+    )
     width: int
     height: int
     people: int = Field(description="people tracked (slots filled in at least one frame), at most 2")

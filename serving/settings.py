@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     max_video_bytes: int = Field(50 * MiB, ge=1024, description="largest /v1/predict/video upload")
     video_max_frames: int = Field(900, ge=1, description="longest video analysed, in frames")
     video_min_frames: int = Field(16, ge=1, description="shortest video analysed, in frames")
+    video_fps: float = Field(
+        30.0,
+        ge=0,
+        description="frame rate videos are analysed at (the action model's, NTU's 30): a 60 fps video "
+        "gives every other frame, a 25 fps one repeats every fifth; 0 keeps every decoded frame",
+    )
     video_window: int = Field(
         150, ge=0, description="frames per action window of a long video (0: the whole video at once)"
     )

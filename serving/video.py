@@ -61,7 +61,7 @@ from .model import load as load_model
 from .pose_runtime import PoseRuntime, PoseRuntimeError
 from .settings import Settings
 from .video_actions import STRIDE_FRAMES, WINDOW_FRAMES, skeleton_to_actions
-from .video_io import MAX_FRAMES, VideoError, VideoInfo, annotate, open_video, saved_upload
+from .video_io import ACTION_FPS, MAX_FRAMES, VideoError, VideoInfo, annotate, open_video, saved_upload
 
 _SETTINGS = Settings.model_fields  # the server's defaults are the CLI's and the functions'
 MIN_FRAMES = _SETTINGS["video_min_frames"].default  # 16: about half a second at 30 fps
@@ -84,11 +84,12 @@ class VideoOptions:
     max_frames: int = MAX_FRAMES
     window: int = WINDOW_FRAMES  # frames per action window (0: the whole video is one window)
     stride: int = STRIDE_FRAMES  # frames between window starts
+    fps: float = ACTION_FPS  # frames are resampled to this rate (0: every decoded frame); see open_video
 
     @classmethod
     def from_settings(cls, s: Settings) -> VideoOptions:
         return cls(s.video_threshold, s.video_flip_test, s.video_min_frames, s.video_max_frames,
-                   s.video_window, s.video_stride)  # fmt: skip
+                   s.video_window, s.video_stride, s.video_fps)  # fmt: skip
 
 
 @dataclass
@@ -351,7 +352,7 @@ def skeleton_from_file(
 ) -> tuple[VideoInfo, VideoSkeleton]:
     """Decode the video at ``path`` and run :func:`video_to_skeleton` on it; ``mirror``: on its frames
     flipped left to right (the skeletons of a mirrored performer, for training data)."""
-    with open_video(path, options.max_frames) as (info, frames):
+    with open_video(path, options.max_frames, options.fps) as (info, frames):
         if mirror:
             frames = (np.ascontiguousarray(frame[:, ::-1]) for frame in frames)
         skeleton = video_to_skeleton(
@@ -378,7 +379,8 @@ def skeleton_from_upload(
 
 def _describe(info: VideoInfo, skeleton: VideoSkeleton, seconds: float) -> str:
     return (
-        f"{skeleton.frames} frames {info.width}x{info.height} at {info.fps:.1f} fps; {skeleton.people} "
+        f"{skeleton.frames} frames {info.width}x{info.height} at {info.fps:.1f} fps"
+        f"{f' (analysed at {info.analysed_fps:g} fps)' if info.resampled else ''}; {skeleton.people} "
         f"person(s), in {skeleton.frames_with_people} frames; pose {seconds:.1f} s "
         f"({skeleton.frames / max(seconds, 1e-9):.1f} frames/s)"
     )
@@ -403,17 +405,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stride", type=int, default=STRIDE_FRAMES, help="frames between windows")
     ap.add_argument("--threshold", type=float, default=THRESHOLD, help="person-centre probability")
     ap.add_argument("--flip-test", action="store_true", help="average each crop with its mirror")
-    ap.add_argument("--max-frames", type=int, default=MAX_FRAMES)
+    ap.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="longest video, in analysed frames")
+    ap.add_argument("--fps", type=float, default=ACTION_FPS, help="analysis frame rate (0: every frame)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: cores)")
     args = ap.parse_args(argv)
-    if args.top < 1 or args.stride < 1 or args.window_frames < 0 or args.max_frames < 1:
-        ap.error("--top, --stride and --max-frames must be at least 1, --window-frames at least 0")
+    if args.top < 1 or args.stride < 1 or args.window_frames < 0 or args.max_frames < 1 or args.fps < 0:
+        ap.error("--top, --stride and --max-frames must be at least 1, --window-frames and --fps at least 0")
     options = VideoOptions(
         threshold=args.threshold,
         flip_test=args.flip_test,
         max_frames=args.max_frames,
         window=args.window_frames,
         stride=args.stride,
+        fps=args.fps,
     )
     model = None
     try:
@@ -431,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             tops = ", ".join(f"{c.name} {c.probability:.3f}" for c in w.prediction.top)
             print(f"frames {w.start}-{w.end - 1}: {tops}")
         if args.out is not None:
-            with open_video(args.video, options.max_frames) as (_, frames):
-                written = annotate(frames, skeleton, windows, args.out, info.fps)
+            with open_video(args.video, options.max_frames, options.fps) as (_, frames):
+                written = annotate(frames, skeleton, windows, args.out, info.analysed_fps or info.fps)
             print(f"annotated video: {args.out} ({written} frames)")
     except RejectedInput as exc:
         print(f"video: error: {exc.message}", file=sys.stderr)

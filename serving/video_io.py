@@ -1,14 +1,16 @@
 """Video files in and out for :mod:`serving.video`: uploads, decoding, and the annotated video.
 
 :func:`saved_upload` keeps an upload as a temporary ``.avi`` / ``.mp4`` named by its content
-(:func:`sniff_container`), :func:`open_video` decodes frames lazily with OpenCV and rejects what it
-cannot use with a :class:`VideoError`, and :func:`annotate` writes the video back with each actor's
+(:func:`sniff_container`), :func:`open_video` decodes frames lazily with OpenCV, at the action
+model's 30 frames/s whatever the video's rate (:func:`resample`), and rejects what it cannot use with
+a :class:`VideoError`, and :func:`annotate` writes the video back with each actor's
 skeleton and the actions drawn on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from .video_actions import WindowActions
 
 MAX_FRAMES = Settings.model_fields["video_max_frames"].default  # 900: 30 s at 30 fps
+ACTION_FPS = 30.0  # NTU's Kinect rate: the action model's windows and motion are in these frames
+RATE_TOLERANCE = 0.05  # a video within 5% of ACTION_FPS (29.97, NTSC) keeps every frame
 VIDEO_SUFFIXES = (".avi", ".mp4")
 VIDEO_TYPES = ("video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi", "video/mp4")
 WRITERS = {".mp4": "mp4v", ".avi": "MJPG"}
@@ -45,6 +49,11 @@ class VideoInfo:
     height: int
     fps: float  # 0 when the container does not say
     declared_frames: int  # the container's count (may be 0 or wrong; the decoded frames count)
+    analysed_fps: float = 0.0  # the rate of the frames open_video yields (0: the container's, unknown)
+
+    @property
+    def resampled(self) -> bool:
+        return self.analysed_fps > 0 and self.analysed_fps != self.fps
 
 
 # ---- reading videos -----------------------------------------------------------------------------
@@ -90,23 +99,57 @@ def saved_upload(source: BinaryIO) -> Iterator[Path]:
         yield path
 
 
-def _frames(capture: cv2.VideoCapture, max_frames: int) -> Iterator[np.ndarray]:
-    count = 0
+def _decoded(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
     while True:
         ok, frame = capture.read()
         if not ok:
             return
-        count += 1
+        yield frame
+
+
+def analysis_rate(fps: float, target: float = ACTION_FPS) -> float:
+    """The rate :func:`open_video` yields a video of ``fps`` at: ``target``, or ``fps`` itself when it
+    lies within :data:`RATE_TOLERANCE` of it or is unknown (0, as some containers say)."""
+    if target <= 0 or fps <= 0 or abs(fps - target) <= RATE_TOLERANCE * target:
+        return fps
+    return target
+
+
+def resample(frames: Iterable[np.ndarray], fps: float, target: float) -> Iterator[np.ndarray]:
+    """Frames at ``fps`` -> frames at ``target``: output frame ``k`` is the source frame on screen at
+    time ``k / target`` (frame ``i`` shows from ``i / fps`` until the next), so a 60 fps video gives
+    every other frame, a 15 fps one each frame twice and a 25 fps one repeats every fifth (repeats are
+    copies: callers may draw on a frame); ``ceil(n * target / fps)`` frames in all. Constant rate
+    assumed (a variable rate video is taken at its mean rate)."""
+    if fps <= 0 or target <= 0 or fps == target:
+        yield from frames
+        return
+    k = 0
+    for i, frame in enumerate(frames):
+        first = True
+        while k * fps < (i + 1) * target:  # output time k / target falls before frame i + 1
+            yield frame if first else frame.copy()
+            first, k = False, k + 1
+
+
+def _limited(frames: Iterable[np.ndarray], max_frames: int, fps: float) -> Iterator[np.ndarray]:
+    for count, frame in enumerate(frames, 1):
         if count > max_frames:
+            rate = f" at {fps:g} fps ({max_frames / fps:.1f} s)" if fps > 0 else ""
             raise VideoError(
-                "too_long", f"the video has more than {max_frames} frames; at most {max_frames} are analysed"
+                "too_long",
+                f"the video lasts more than {max_frames} frames{rate}; at most {max_frames} are analysed",
             )
         yield frame
 
 
 @contextlib.contextmanager
-def open_video(path: Path, max_frames: int = MAX_FRAMES) -> Iterator[tuple[VideoInfo, Iterator[np.ndarray]]]:
-    """``(info, frames)`` of the video at ``path``: uint8 BGR frames ``(H, W, 3)``, decoded lazily."""
+def open_video(
+    path: Path, max_frames: int = MAX_FRAMES, fps: float = ACTION_FPS
+) -> Iterator[tuple[VideoInfo, Iterator[np.ndarray]]]:
+    """``(info, frames)`` of the video at ``path``: uint8 BGR frames ``(H, W, 3)``, decoded lazily and
+    resampled to ``fps`` (:func:`analysis_rate`; 0 keeps every frame). ``max_frames`` counts the
+    frames yielded, so at the default rate it is a duration: 900 frames, 30 s, at any frame rate."""
     if not Path(path).is_file():
         raise VideoError("unreadable_video", f"{path}: no such file")
     capture = cv2.VideoCapture(str(path))
@@ -118,14 +161,18 @@ def open_video(path: Path, max_frames: int = MAX_FRAMES) -> Iterator[tuple[Video
         if not capture.isOpened() or width < 16 or height < 16:
             raise VideoError("unreadable_video", f"OpenCV cannot decode {Path(path).name} as a video")
         declared = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
-        if declared > max_frames:
+        source = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
+        source = source if np.isfinite(source) and source > 0 else 0.0
+        rate = analysis_rate(source, fps)
+        expected = declared * rate / source if source and rate else declared
+        if math.ceil(expected - 1e-6) > max_frames:
+            at = f" at {source:g} fps, {math.ceil(expected - 1e-6)} at {rate:g} fps" if rate != source else ""
             raise VideoError(
-                "too_long", f"the video has {declared} frames; at most {max_frames} are analysed"
+                "too_long", f"the video has {declared} frames{at}; at most {max_frames} are analysed"
             )
-        fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
         yield (
-            VideoInfo(width, height, fps if np.isfinite(fps) else 0.0, declared),
-            _frames(capture, max_frames),
+            VideoInfo(width, height, source, declared, rate),
+            _limited(resample(_decoded(capture), source, rate), max_frames, rate),
         )
     finally:
         capture.release()

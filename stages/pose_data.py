@@ -13,6 +13,15 @@ the root joint (spine middle) are the 3D labels. Every ``frame_stride``-th frame
 - the whole frame, resized to ``frame_width`` and letterboxed to a multiple of 32 (the person
   detector's input), with each person's joint box.
 
+A detector frame teaches "no person here" wherever it has no box, so it is kept only when its labels
+are complete. A person drawn in it but dropped by ``min_joints`` (mostly outside the frame) always
+removes it. The rendered synthetic videos show exactly the bodies of their ``.skeleton`` files, so
+there a frame without a body is truly empty and a good negative. A real Kinect misses people who are
+in view (the first frames of a take, single lost frames, the second performer of a mutual action for
+a while, video frames past the file's end), so with ``--dataset ntu60|ntu120`` a detector frame is
+also kept only when it labels as many people as the file's fullest frame, and the pairs in the
+official missing-skeleton list are excluded.
+
 Output ``out_dir/pose.zarr`` (sharded along N) and ``out_dir/videos.parquet`` (one row per pair:
 split membership, counts, and the reason for every rejected pair). Coordinates follow the pixel-centre
 convention (pixel ``i`` covers ``[i - 0.5, i + 0.5)``), the one ``cv2.warpAffine`` uses.
@@ -142,6 +151,20 @@ class Pair:
     skeleton: str | None
 
 
+@dataclass(frozen=True)
+class LabelRules:
+    """What the labels of a dataset promise (see the module docstring)."""
+
+    real: bool = False  # Kinect labels: a frame may miss people who are in view
+    missing: frozenset[str] = frozenset()  # the official missing-skeleton list (excluded pairs)
+
+    @classmethod
+    def for_dataset(cls, dataset: str) -> LabelRules:
+        if dataset == "synthetic":
+            return cls()
+        return cls(real=True, missing=ntu_files.missing_samples(dataset))
+
+
 def _people_by_frame(skeleton_bytes: bytes, scale: tuple[float, float]) -> dict[int, list[dict]]:
     """frame -> the people labelled in it: colour joints at the video's scale, camera xyz, tracking."""
     raw = parse_skeleton(skeleton_bytes)
@@ -169,20 +192,25 @@ def _frames(capture: cv2.VideoCapture, stride: int) -> Iterator[tuple[int, np.nd
         index += 1
 
 
-def process_pair(pair: Pair, params: PoseDataParams) -> tuple[dict, dict | None]:
-    """One pair -> (table row, arrays or None when rejected)."""
+def process_pair(
+    pair: Pair, params: PoseDataParams, rules: LabelRules = LabelRules()
+) -> tuple[dict, dict | None]:
+    """One pair -> (table row, arrays or None when rejected or excluded)."""
     row = {"name": pair.name, "video": os.path.basename(pair.video), "status": "ok", "reason": ""}
+    if pair.name in rules.missing:
+        row.update(status="excluded", reason="missing_list: in the official missing-skeleton list")
+        return row, None
     try:
         if pair.skeleton is None:
             raise RejectedInput("no_skeleton", f"no {pair.name}.skeleton beside the skeleton files")
-        people = _open_and_label(pair, params, row)
+        people = _open_and_label(pair, params, row, rules)
     except RejectedInput as exc:
         row.update(status="rejected", reason=f"{exc.code}: {exc.message}")
         return row, None
     return row, people
 
 
-def _open_and_label(pair: Pair, params: PoseDataParams, row: dict) -> dict:
+def _open_and_label(pair: Pair, params: PoseDataParams, row: dict, rules: LabelRules) -> dict:
     capture = cv2.VideoCapture(pair.video)
     if not capture.isOpened():
         raise RejectedInput("unreadable_video", f"OpenCV cannot open {os.path.basename(pair.video)}")
@@ -192,8 +220,14 @@ def _open_and_label(pair: Pair, params: PoseDataParams, row: dict) -> dict:
         if width < 32 or height < 32:
             raise RejectedInput("unreadable_video", f"video size {width}x{height} is not a picture")
         scale = (width / COLOR_SIZE[0], height / COLOR_SIZE[1])
-        labels = _people_by_frame(Path(pair.skeleton).read_bytes(), scale)
-        out = _Collector(params)
+        try:
+            skeleton = Path(pair.skeleton).read_bytes()
+        except OSError as exc:
+            raise RejectedInput("unreadable_skeleton", f"cannot read {pair.name}.skeleton: {exc}") from exc
+        labels = _people_by_frame(skeleton, scale)
+        # Real labels: a frame is complete when it has as many people as the file's fullest frame.
+        expected = max(map(len, labels.values()), default=0) if rules.real else 0
+        out = _Collector(params, expected)
         decoded = 0
         for index, frame in _frames(capture, params.frame_stride):
             decoded += 1
@@ -215,19 +249,22 @@ def _open_and_label(pair: Pair, params: PoseDataParams, row: dict) -> dict:
 class _Collector:
     """Crops and detector frames of one video."""
 
-    def __init__(self, params: PoseDataParams):
+    def __init__(self, params: PoseDataParams, expected: int = 0):
         self.p = params
+        self.expected = expected  # detector frames need this many labelled people (0: any number)
+        self.skipped_frames = 0  # detector frames left out because their labels are incomplete
         self.crops, self.uv, self.xyz, self.tracking, self.boxes, self.crop_frames = [], [], [], [], [], []
         self.frames, self.frame_boxes, self.frame_index = [], [], []
 
     def add(self, index: int, frame: np.ndarray, people: list[dict]) -> None:
         h, w = frame.shape[:2]
-        boxes = []
+        boxes, dropped = [], 0
         for person in people:
             uv, tracking = person["uv"], person["tracking"]
             inside = (uv[:, 0] >= 0) & (uv[:, 0] <= w - 1) & (uv[:, 1] >= 0) & (uv[:, 1] <= h - 1)
             valid = inside & (tracking > 0) & np.isfinite(uv).all(1)
             if valid.sum() < self.p.min_joints:
+                dropped += 1
                 continue
             box = joint_box(uv, valid)
             boxes.append(box)
@@ -240,6 +277,9 @@ class _Collector:
             self.boxes.append(crop)
             self.crop_frames.append(index)
         if (index // self.p.frame_stride) % self.p.frame_every:
+            return
+        if dropped or len(people) < self.expected:  # someone in view has no box: not a clean negative
+            self.skipped_frames += 1
             return
         small, scale = letterbox(frame, self.p.frame_width)
         frame_boxes = np.zeros((MAX_PEOPLE, 4), np.float32)
@@ -263,10 +303,11 @@ class _Collector:
             else np.zeros((0, 32, self.p.frame_width, 3), np.uint8),
             "frame_boxes": np.stack(self.frame_boxes),
             "frame_index": np.asarray(self.frame_index, np.int32),
+            "skipped_frames": self.skipped_frames,
         }
 
 
-def _process(job: tuple[Pair, PoseDataParams]) -> tuple[dict, dict | None]:
+def _process(job: tuple[Pair, PoseDataParams, LabelRules]) -> tuple[dict, dict | None]:
     cv2.setNumThreads(1)
     return process_pair(*job)
 
@@ -344,14 +385,21 @@ TABLE = pa.schema(
 )
 
 
-def run(params: PoseDataParams, *, video_dir: Path, skeleton_dir: Path, out_dir: Path) -> dict:
-    """Extract crops and detector frames from every pair into ``out_dir``; return a summary."""
+def run(
+    params: PoseDataParams, *, video_dir: Path, skeleton_dir: Path, out_dir: Path, dataset: str = "synthetic"
+) -> dict:
+    """Extract crops and detector frames from every pair into ``out_dir``; return a summary.
+
+    ``dataset`` (``synthetic`` | ``ntu60`` | ``ntu120``) says what the labels promise: see the
+    module docstring and :class:`LabelRules`.
+    """
     start = time.perf_counter()
+    rules = LabelRules.for_dataset(dataset)
     pairs = discover_pairs(Path(video_dir), Path(skeleton_dir))
     if params.max_videos:
         pairs = pairs[: params.max_videos]
     rows: list[dict] = []
-    s, hf = params.crop_size, None
+    s, hf, skipped = params.crop_size, None, 0
     with atomic_directory(Path(out_dir)) as tmp:
         group = zarr.open_group(str(tmp / "pose.zarr"), mode="w")
         crops = {
@@ -364,7 +412,9 @@ def run(params: PoseDataParams, *, video_dir: Path, skeleton_dir: Path, out_dir:
             "crop_frame": _Appender(group, "crop_frame", (), np.int32, params),
         }
         frames: dict[str, _Appender] = {}
-        for row, arrays in tqdm(_results(pairs, params), total=len(pairs), desc="pose_data", unit="video"):
+        for row, arrays in tqdm(
+            _results(pairs, params, rules), total=len(pairs), desc="pose_data", unit="video"
+        ):
             _describe(row, len(rows))
             rows.append(row)
             if arrays is None or row["status"] != "ok":  # e.g. a video whose name is not NTU's
@@ -384,6 +434,7 @@ def run(params: PoseDataParams, *, video_dir: Path, skeleton_dir: Path, out_dir:
                     f"high after letterboxing, the first video's are {hf}: mixed aspect ratios",
                 )
                 continue
+            skipped += arrays["skipped_frames"]
             video = np.full(len(arrays["crops"]), row["index"], np.int32)
             arrays["crop_video"] = video
             for key, appender in crops.items():
@@ -412,6 +463,8 @@ def run(params: PoseDataParams, *, video_dir: Path, skeleton_dir: Path, out_dir:
             "rejected": {r["name"]: r["reason"] for r in rows if r["status"] != "ok"},
             "crops": crops["crops"].count,
             "frames": frames["frames"].count if frames else 0,
+            "frames_skipped": skipped,  # detector frames whose labels miss someone in view
+            "labels": "kinect" if rules.real else "complete",
             "crops_by_split": _by_split(rows, "ntu120_xsub"),
         }
         if not ok:
@@ -443,9 +496,11 @@ def _by_split(rows: list[dict], benchmark: str) -> dict:
     return out
 
 
-def _results(pairs: list[Pair], params: PoseDataParams) -> Iterator[tuple[dict, dict | None]]:
+def _results(
+    pairs: list[Pair], params: PoseDataParams, rules: LabelRules
+) -> Iterator[tuple[dict, dict | None]]:
     workers = params.workers or os.cpu_count() or 1
-    jobs = [(pair, params) for pair in pairs]
+    jobs = [(pair, params, rules) for pair in pairs]
     if workers == 1 or len(jobs) <= 1:
         yield from map(_process, jobs)
         return
@@ -460,10 +515,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skeleton-dir", type=Path, required=True, help="directory of the .skeleton files")
     parser.add_argument("--out-dir", type=Path, required=True, help="output directory (replaced)")
     parser.add_argument("--summary", type=Path, help="write the summary here as JSON (DVC metrics)")
+    parser.add_argument(
+        "--dataset",
+        choices=("synthetic", "ntu60", "ntu120"),
+        default="synthetic",
+        help="what the labels promise (parse.dataset): real Kinect files miss people in view",
+    )
     args = parser.parse_args(argv)
     try:
         params = load_section(args.params, "pose_data", PoseDataParams)
-        summary = run(params, video_dir=args.video_dir, skeleton_dir=args.skeleton_dir, out_dir=args.out_dir)
+        summary = run(
+            params,
+            video_dir=args.video_dir,
+            skeleton_dir=args.skeleton_dir,
+            out_dir=args.out_dir,
+            dataset=args.dataset,
+        )
     except (ParamsError, FileNotFoundError) as exc:
         print(f"pose_data: error: {exc}", file=sys.stderr)
         return 2

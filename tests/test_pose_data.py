@@ -138,6 +138,86 @@ def test_bad_pairs_are_rejected_with_reasons_and_the_rest_kept(pose_pairs, tmp_p
     assert summary["crops"] == sum(r["crops"] for r in rows if r["status"] == "ok")  # nothing kept of "clip"
 
 
+def _edit_skeleton(text: str, edit) -> str:
+    """``text`` of a ``.skeleton`` file with ``edit(frame, bodies) -> bodies`` applied to every frame,
+    ``bodies`` being each body's lines (its info line, ``25`` and the 25 joint lines)."""
+    lines = text.split("\r\n") if "\r\n" in text else text.split("\n")
+    out, at = [lines[0]], 1
+    for frame in range(int(lines[0])):
+        count = int(lines[at])
+        bodies = [lines[at + 1 + 27 * b : at + 1 + 27 * (b + 1)] for b in range(count)]
+        at += 1 + 27 * count
+        bodies = edit(frame, bodies)
+        out += [str(len(bodies)), *(line for body in bodies for line in body)]
+    return "\r\n".join(out + lines[at:])
+
+
+def _off_frame(body: list[str]) -> list[str]:
+    """The body with every joint's colour position moved far left of the picture."""
+    joints = [line.split() for line in body[2:]]
+    for j in joints:
+        j[5] = "-5000.0"
+    return body[:2] + [" ".join(j) for j in joints]
+
+
+def test_detector_frames_keep_only_complete_labels(pose_pairs, tmp_path):
+    """A frame is a detector target only when nobody in view lacks a box: a person dropped by
+    min_joints removes it always; a frame whose Kinect labels miss someone removes it for real
+    datasets (there the person is usually still in view), not for the synthetic renders (which draw
+    exactly the labelled bodies). Real datasets also exclude the official missing-skeleton list."""
+    root, _ = pose_pairs
+    videos, raw = tmp_path / "videos", tmp_path / "raw"
+    videos.mkdir(), raw.mkdir()
+    name = sorted(root.glob("rgb/*A008_rgb.avi"))[0].name.removesuffix("_rgb.avi")
+    step = PARAMS.frame_stride * PARAMS.frame_every  # every detector frame's index is a multiple
+    text = (root / "raw" / f"{name}.skeleton").read_text()
+    with_body = sorted({f for f in range(0, int(text.split()[0]), step)} & set(
+        parse_skeleton(text.encode()).frame_index.tolist()))  # fmt: skip
+    lost, outside = with_body[1:3], with_body[4]
+
+    def edit(frame, bodies):
+        return [] if frame in lost else [_off_frame(b) for b in bodies] if frame == outside else bodies
+
+    (raw / f"{name}.skeleton").write_text(_edit_skeleton(text, edit), newline="")
+    shutil.copy(root / "rgb" / f"{name}_rgb.avi", videos)
+    missing = "S001C002P005R002A008"  # in the official NTU-120 list: a real dataset skips it
+    shutil.copy(root / "rgb" / f"{name}_rgb.avi", videos / f"{missing}_rgb.avi")
+    shutil.copy(root / "raw" / f"{name}.skeleton", raw / f"{missing}.skeleton")
+    unreadable = "S001C001P098R001A008"
+    shutil.copy(root / "rgb" / f"{name}_rgb.avi", videos / f"{unreadable}_rgb.avi")
+    (raw / f"{unreadable}.skeleton").mkdir()  # found, but reading it fails
+
+    def detector_frames(dataset):
+        out = tmp_path / dataset
+        summary = pose_data.run(PARAMS, video_dir=videos, skeleton_dir=raw, out_dir=out, dataset=dataset)
+        group = zarr.open_group(str(out / "pose.zarr"), mode="r")
+        rows = pq.read_table(out / "videos.parquet").to_pylist()
+        mine = group["frame_video"][:] == next(r["index"] for r in rows if r["name"] == name)
+        people = (np.abs(group["frame_boxes"][:][mine]).sum(-1) > 0).sum(-1)
+        return summary, dict(zip(group["frame_index"][:][mine].tolist(), people.tolist(), strict=True))
+
+    synthetic, frames = detector_frames("synthetic")
+    assert outside not in frames and all(frames[f] == 0 for f in lost)  # empty renders: negatives
+    assert set(synthetic["rejected"]) == {unreadable}
+    assert "unreadable_skeleton" in synthetic["rejected"][unreadable]
+    assert synthetic["frames_skipped"] == 1 and synthetic["labels"] == "complete"
+    real, real_frames = detector_frames("ntu120")
+    assert outside not in real_frames and not set(lost) & set(real_frames)
+    assert set(real_frames.values()) == {1} and set(real_frames) == set(frames) - set(lost) - {
+        f for f, n in frames.items() if n == 0}  # fmt: skip
+    assert real["frames_skipped"] == len(frames) + 1 - len(real_frames) and real["labels"] == "kinect"
+    assert "missing_list" in real["rejected"][missing] and real["videos_ok"] == synthetic["videos_ok"] - 1
+    assert real["crops"] < synthetic["crops"]  # the missing-list pair's crops are gone, nothing else
+    assert (
+        synthetic["crops"] - real["crops"]
+        == pq.read_table(tmp_path / "synthetic" / "videos.parquet").to_pylist()[
+            [r["name"] for r in pq.read_table(tmp_path / "synthetic" / "videos.parquet").to_pylist()].index(
+                missing
+            )
+        ]["crops"]
+    )
+
+
 def test_params_are_checked():
     with pytest.raises(ParamsError, match="crop_size"):
         dataclasses.replace(PARAMS, crop_size=100).validate()

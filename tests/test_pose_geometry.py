@@ -21,6 +21,11 @@ def test_camera_matches_the_synthetic_projection_and_scales():
     np.testing.assert_allclose(Camera().project(xyz), project_color(xyz), atol=1e-9)
     small = Camera().scaled(640, 360)
     np.testing.assert_allclose(small.project(xyz), project_color(xyz) / 3.0, atol=1e-9)
+    assert Camera().scaled(640, 480).f == small.f  # 4:3: the width keeps the Kinect's 83 degrees
+    portrait = Camera().scaled(1080, 1920)  # a phone held upright: the long side does
+    assert portrait.f == Camera().f and np.allclose((portrait.cx, portrait.cy), (540.0, 568.4 * 1920 / 1080))
+    fov = np.degrees(2 * np.arctan([1920 / 2 / portrait.f, 1080 / 2 / portrait.f]))
+    np.testing.assert_allclose(fov, [83.3, 53.1], atol=0.1)
 
 
 @pytest.mark.parametrize("width", [1920, 640])

@@ -309,6 +309,53 @@ def test_video_errors_say_what_was_wrong(runtime, clip_path, tmp_path):
         video.video_to_skeleton([], runtime, max_people=3)
 
 
+def _numbered_frames(count: int) -> list[np.ndarray]:
+    """Frames that say their index: a white bar whose left end moves 4 px per frame."""
+    frames = []
+    for i in range(count):
+        frame = np.zeros((64, 480, 3), np.uint8)
+        frame[16:48, 4 * i + 8 :] = 255
+        frames.append(frame)
+    return frames
+
+
+def _frame_numbers(frames) -> list[int]:
+    return [int(np.argmax(f[32, :, 1] > 128) - 8) // 4 for f in frames]
+
+
+@pytest.mark.parametrize(
+    ("fps", "expected"),
+    [
+        (60.0, list(range(0, 90, 2))),  # every other frame: 1.5 s -> 45 frames
+        (15.0, [k // 2 for k in range(180)]),  # each frame twice: 6 s -> 180 frames
+        (25.0, [k * 25 // 30 for k in range(108)]),  # the frame on screen at k / 30 s: 3.6 s -> 108
+        (29.97, list(range(90))),  # within 5% of 30: untouched
+    ],
+)
+def test_videos_are_analysed_at_the_action_models_30_fps(tmp_path, fps, expected):
+    """The action model's windows and motion are in NTU's 30 fps frames: a video at another rate is
+    resampled to it by time (a 60 fps clip would otherwise look twice as slow, and be refused as too
+    long after 15 s); max_frames counts the frames analysed."""
+    path = write_video(tmp_path / "clip.avi", _numbered_frames(90), fps=fps)
+    with video_io.open_video(path) as (info, frames):
+        got = list(frames)
+    numbers = _frame_numbers(got)
+    assert abs(info.fps - fps) < 0.01 and info.analysed_fps == (fps if fps == 29.97 else 30.0)
+    assert numbers == expected
+    assert len({id(f) for f in got}) == len(got)  # a repeated frame is a copy (callers draw on them)
+    with video_io.open_video(path, fps=0) as (info, frames):  # 0: every decoded frame
+        assert _frame_numbers(frames) == list(range(90)) and info.analysed_fps == info.fps
+    limit = len(got) - 1
+    with (
+        pytest.raises(video_io.VideoError, match=f"at most {limit} are analysed") as caught,
+        video_io.open_video(path, max_frames=limit) as (_, frames),
+    ):
+        list(frames)
+    assert caught.value.code == "too_long"
+    with video_io.open_video(path, max_frames=len(got)) as (_, frames):
+        assert len(list(frames)) == len(got)
+
+
 def test_uploads_are_recognised_by_name_type_and_content(clip_path):
     data = clip_path.read_bytes()
     assert (
@@ -432,7 +479,7 @@ def test_annotate_draws_skeletons_boxes_and_labels(tmp_path, suffix):
     windows = [video_actions.WindowActions(0, 4, _prediction("sit down"))]
     out = tmp_path / f"annotated{suffix}"
     assert video_io.annotate(iter(frames), skeleton, windows, out, fps=25.0) == 8
-    with video_io.open_video(out) as (info, decoded):
+    with video_io.open_video(out, fps=0) as (info, decoded):  # every frame, at the video's 25 fps
         back = list(decoded)
     assert (info.width, info.height, len(back)) == (320, 180, 8) and abs(info.fps - 25.0) < 0.01
     x, y = np.rint(uv[0]).astype(int)
@@ -466,6 +513,7 @@ def test_video_endpoint_names_the_actions_of_an_upload(client, clip_path, runtim
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["frames"], body["width"], body["height"], body["fps"]) == (40, 320, 180, 30.0)
+    assert body["analysed_fps"] == 30.0
     _, skeleton = video.skeleton_from_file(clip_path, runtime)  # the CLI's path gives the same answer
     assert (body["people"], body["frames_with_people"]) == (skeleton.people, 40)
     assert body["pose_model"]["version"] == runtime.version and body["skeletons"] is None
