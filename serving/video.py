@@ -280,7 +280,7 @@ def _actor_slots(rows: list[tuple[list[dict], list[int]]]) -> dict[tuple[int, in
         tracking=np.full((len(found), NUM_JOINTS), 2, np.uint8),
     )
     try:
-        actors = actor_records(raw)
+        actors = actor_records(raw, true_spans=True)  # a track may skip the frames it was missed in
     except DenoiseError:  # every track is short: keep the longest as the one actor
         ids, counts = np.unique(raw.body_ids, return_counts=True)
         actors = [np.flatnonzero(raw.body_ids == ids[np.argmax(counts)])]

@@ -65,10 +65,11 @@ class _Body:
     records: np.ndarray  # int (n,): record indices into the RawSkeleton arrays
     start: int  # first valid frame
     motion: float
+    last: int | None = None  # last valid frame where it is seen (only for ``true_spans``)
 
     @property
-    def end(self) -> int:  # last frame of the reference's contiguous interval
-        return self.start + len(self.records) - 1
+    def end(self) -> int:  # last frame of its interval: the reference's contiguous one by default
+        return self.start + len(self.records) - 1 if self.last is None else self.last
 
 
 def _motion(joints: np.ndarray) -> float:
@@ -87,7 +88,7 @@ def _check_unique_per_frame(raw: RawSkeleton) -> None:
         ids_per_frame[(frame, body)] = 1
 
 
-def _group_bodies(raw: RawSkeleton) -> tuple[list[_Body], int]:
+def _group_bodies(raw: RawSkeleton, true_spans: bool = False) -> tuple[list[_Body], int]:
     _check_unique_per_frame(raw)
     valid = raw.body_counts > 0
     if raw.body_ids.min() == raw.body_ids.max():  # the common case: one bodyID, all frames
@@ -98,7 +99,8 @@ def _group_bodies(raw: RawSkeleton) -> tuple[list[_Body], int]:
     for body_id, _ in sorted(zip(ids.tolist(), first.tolist(), strict=True), key=lambda p: p[1]):
         records = np.flatnonzero(raw.body_ids == np.uint64(body_id))
         start = int(valid_index[raw.frame_index[records[0]]])
-        bodies.append(_Body(body_id, records, start, 0.0))
+        last = int(valid_index[raw.frame_index[records[-1]]]) if true_spans else None
+        bodies.append(_Body(body_id, records, start, 0.0, last))
     return bodies, int(valid.sum())
 
 
@@ -172,11 +174,13 @@ class _Assignment:
     dropped_by_overlap: int = 0
 
 
-def _assign(raw: RawSkeleton) -> _Assignment:
-    """Steps 2 and 3 of the module docstring: which bodies become actor 1 and actor 2."""
+def _assign(raw: RawSkeleton, true_spans: bool = False) -> _Assignment:
+    """Steps 2 and 3 of the module docstring: which bodies become actor 1 and actor 2; with
+    ``true_spans`` a body's interval runs from its first to its last frame (not the reference's
+    contiguous run from its first frame), for bodies that leave and come back."""
     if raw.body_ids.size == 0:
         raise DenoiseError("no_body", f"no body in any of the {raw.declared_frames} frames")
-    bodies, num_frames = _group_bodies(raw)
+    bodies, num_frames = _group_bodies(raw, true_spans)
     if len(bodies) == 1:
         return _Assignment(bodies, num_frames, [[bodies[0]], []])
     ranked, by_length, by_spread = _denoise(raw, bodies)
@@ -200,15 +204,20 @@ def _assign(raw: RawSkeleton) -> _Assignment:
     return out
 
 
-def actor_records(raw: RawSkeleton) -> list[np.ndarray]:
+def actor_records(raw: RawSkeleton, true_spans: bool = False) -> list[np.ndarray]:
     """Record indices (into ``raw``'s arrays, ascending) of actor 1 and actor 2 (empty when there is
     none): the records :func:`select_actors` places, without moving any frame. For labelling each frame
-    of a video with its actors (the video path's people are bodies tracked by :mod:`serving.video`)."""
+    of a video with its actors (the video path's people are bodies tracked by :mod:`serving.video`).
+
+    ``true_spans``: bodies may leave and come back (a tracker's ids, unlike a Kinect file's bodies,
+    are kept across missed frames), so a body's interval and frames are the ones it is seen in; by
+    default they are the reference's contiguous run from its first frame."""
     out = []
-    for bodies in _assign(raw).actors:
+    for bodies in _assign(raw, true_spans).actors:
         placed: dict[int, int] = {}  # output frame -> record; a later body overwrites, as _place does
         for body in bodies:
-            placed.update(zip(range(body.start, body.end + 1), body.records.tolist(), strict=True))
+            frames = raw.frame_index[body.records].tolist() if true_spans else range(body.start, body.end + 1)
+            placed.update(zip(frames, body.records.tolist(), strict=True))
         out.append(np.array(sorted(placed.values()), np.int64))
     return out
 

@@ -199,3 +199,27 @@ def test_actor_records_are_the_bodies_select_actors_places():
             np.testing.assert_array_equal(placed, raw.joints[np.sort(records[actor])])
         checked += 1
     assert checked > 50
+
+
+def test_true_spans_keep_a_body_that_comes_back_apart_from_a_third():
+    """A tracked person missed for 20 frames keeps its id (frames 0-29 and 50-99) while a second
+    person is seen throughout; a third, short-lived box (frames 85-99) overlaps both. The reference's
+    contiguous interval ends the first body at frame 79, so the third box "continues" actor 1 and
+    shares its frames; with true spans it overlaps both actors and is dropped."""
+    lively = track(STANDING, 100, 0.3, 0)
+    second = track(STANDING + np.array([1.0, 0, 0]), 100, 0.1, 1)
+    stray = track(STANDING + np.array([-1.0, 0, 0]), 100, 0.02, 2)
+    frames = [
+        ([body(A, lively[t])] if t < 30 or t >= 50 else [])
+        + [body(B, second[t])]
+        + ([body(C, stray[t])] if t >= 85 else [])
+        for t in range(100)
+    ]
+    raw = parse_skeleton(format_skeleton(frames))
+    ids = raw.body_ids
+    reference = actor_records(raw)
+    assert set(ids[reference[0]].tolist()) == {A, C}  # C's frames 85-99 clash with A's in actor 1
+    assert np.array_equal(ids[reference[1]], np.full(100, B, np.uint64))
+    spans = actor_records(raw, true_spans=True)
+    assert np.array_equal(spans[0], np.flatnonzero(ids == A))
+    assert np.array_equal(spans[1], np.flatnonzero(ids == B))

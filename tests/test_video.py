@@ -22,6 +22,7 @@ from serving.app import create_app
 from serving.pose_runtime import PoseRuntime
 from serving.schemas import ClassScore, Prediction
 from stages.ntu_files import MUTUAL_ACTIONS
+from tests.factory import STANDING, moving
 from tests.pose_helpers import pose_export, stick_figure_frames, write_video
 from tests.serving_helpers import Reference, as_clip, raw_files, serving, settings_for, softmax
 
@@ -163,6 +164,24 @@ def test_geometry_chain_back_to_video_pixels_camera_space_and_actor_slots():
         bridged.joints[:, 5, :, 1], (skeleton.joints[:, 4, :, 1] + skeleton.joints[:, 6, :, 1]) / 2, atol=1e-6
     )
     np.testing.assert_allclose(bridged.joints[:, :5], skeleton.joints[:, :5])  # the rest as it was
+
+
+def test_a_track_missed_for_a_while_keeps_its_slot_to_itself():
+    """The tracker keeps a person's id across missed frames; the actor choice must see the track's
+    true span, or a stray box late in the video "continues" actor 1 and shares its frames."""
+    lively = moving(STANDING, 100, 0.3, 0)
+    second = moving(STANDING + np.array([1.0, 0, 0]), 100, 0.1, 1)
+    stray = moving(STANDING + np.array([-1.0, 0, 0]), 100, 0.02, 2)
+    rows = []
+    for t in range(100):
+        seen = [(7, lively[t])] if t < 30 or t >= 50 else []
+        seen += [(8, second[t])] + ([(9, stray[t])] if t >= 85 else [])
+        people = [{"xyz": xyz, "uv": xyz[:, :2] * 100} for _, xyz in seen]
+        rows.append((people, [track for track, _ in seen]))
+    slots = video._actor_slots(rows)
+    track_of = {(i, k): rows[i][1][k] for i in range(100) for k in range(len(rows[i][1]))}
+    assert {track_of[key]: slot for key, slot in slots.items()} == {7: 0, 8: 1}  # the stray box: none
+    assert sum(track_of[key] == 7 for key in slots) == 80 and len(slots) == 180
 
 
 def test_gaps_are_bridged_and_joints_averaged_over_present_frames_only():
