@@ -106,7 +106,8 @@ class Transition(nn.Module):
 
 
 class HRNetBackbone(nn.Module):
-    """Images ``(N, 3, H, W)`` -> one fused branch ``b``: ``(N, widths[b], H / 4 / 2^b, W / 4 / 2^b)``.
+    """Images ``(N, 3, H, W)`` (``(N, 4, H, W)`` with ``cfg.other_person``) -> one fused branch
+    ``b``: ``(N, widths[b], H / 4 / 2^b, W / 4 / 2^b)``.
 
     The last module fuses only the branch asked for (HRNet's ``multi_scale_output=False``), so the
     keypoint path (branch 0) and the detect path (branch 1) each compute one fusion output.
@@ -115,7 +116,8 @@ class HRNetBackbone(nn.Module):
     def __init__(self, cfg: PoseConfig):
         super().__init__()
         s = cfg.stem_width
-        self.stem = nn.Sequential(conv_bn(3, s, stride=2), conv_bn(s, s, stride=2))  # N, S, H/4, W/4
+        channels = 4 if cfg.other_person else 3  # RGB, and the other person's box mask when asked for
+        self.stem = nn.Sequential(conv_bn(channels, s, stride=2), conv_bn(s, s, stride=2))  # N, S, H/4, W/4
         blocks = [Bottleneck(s if i == 0 else 4 * s, s) for i in range(cfg.stem_blocks)]
         self.layer1 = nn.Sequential(*blocks)
         previous = (4 * s if blocks else s,)

@@ -55,6 +55,8 @@ from models.pose_keypoints import (
     PoseLossWeights,
     PoseOutputs,
     PoseTargets,
+    box_masks,
+    flip_boxes,
     flip_coords,
     flip_heatmaps,
     flip_images,
@@ -109,6 +111,10 @@ class PoseConfig:
     detector: str = "separate"
     detect_widths: tuple[int, int] = (32, 64)
     input_size: tuple[int, int] = (256, 256)  # (H, W) of the person crops the model is trained on
+    # The keypoint network also reads the other person's box in the crop as a 4th input channel (a
+    # 0/1 mask; empty when the crop's person is alone), so that where two performers overlap it is
+    # told which body is not its target (:meth:`PoseEstimator.forward`)
+    other_person: bool = False
     sigma: float = 2.0  # std of the gaussian heatmap targets, heatmap pixels
     beta: float = 16.0  # soft-argmax sharpness for heatmaps peaking at 1 (suits sigma 2: < 0.03 px bias)
 
@@ -154,6 +160,7 @@ class PoseConfig:
             detector="shared",
             detect_widths=self.detect_widths,
             input_size=(64, 64),  # unused: frames only need H and W multiples of 8
+            other_person=False,
         )
 
     @property
@@ -172,7 +179,7 @@ class PoseConfig:
 
 POSE_SIZES = {
     "full": {},
-    # CPU size: trains on 2 cores in about 40 minutes (~1.31 M parameters, 0.35 M of them the
+    # CPU size: 16 epochs train on 2 cores in 55-65 minutes (~1.31 M parameters, 0.35 M of them the
     # detector; crops 128x128, as pose_data.crop_size makes them in the DAG). The 4th, 1/32 branch
     # sees the whole crop (4x4 cells): held-out PCK@0.2 0.843 -> 0.856 at 6 epochs for 10% speed.
     "small": dict(
@@ -229,9 +236,23 @@ class PoseEstimator(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.centre_head[-1].bias, CENTRE_PRIOR_BIAS)
 
-    def forward(self, crops: torch.Tensor) -> PoseOutputs:
-        """Normalised person crops ``(N, 3, H, W)`` -> :class:`PoseOutputs` (heatmaps at ``H/4, W/4``)."""
+    def forward(self, crops: torch.Tensor, other: torch.Tensor | None = None) -> PoseOutputs:
+        """Normalised person crops ``(N, 3, H, W)`` -> :class:`PoseOutputs` (heatmaps at ``H/4, W/4``).
+
+        ``other`` ``(N, 4)``: with ``cfg.other_person``, the box (x0 y0 x1 y1, crop pixels) of the
+        other person in each crop, NaN where there is none (``None``: nobody else in any crop); the
+        network reads it as a mask channel (:func:`box_masks`). Ignored without ``other_person``.
+        """
         _check_images(crops, self.cfg.input_multiple)
+        if self.cfg.other_person:
+            if other is None:
+                other = crops.new_full((crops.shape[0], 4), float("nan"))
+            if other.dim() != 2 or other.shape != (crops.shape[0], 4):
+                raise ValueError(
+                    f"other boxes must be (N, 4) for {crops.shape[0]} crops; got {tuple(other.shape)}"
+                )
+            masks = box_masks(other.to(crops.dtype), crops.shape[2], crops.shape[3])
+            crops = torch.cat([crops, masks], dim=1)  # N, 4, H, W
         features = self.backbone(crops, branch=0)  # N, C0, H/4, W/4
         return keypoint_outputs(self.heatmap_head(features), self.location_head(features), self.cfg.beta)
 
@@ -254,7 +275,8 @@ EXPORT_OUTPUTS = {
 class PoseGraph(nn.Module):
     """One path of a :class:`PoseEstimator` with plain tuple outputs, for ONNX export.
 
-    ``task="keypoints"``: crops -> ``EXPORT_OUTPUTS["keypoints"]``; ``task="detect"``: frames ->
+    ``task="keypoints"``: crops (and, with ``other_person``, the other boxes) ->
+    ``EXPORT_OUTPUTS["keypoints"]``; ``task="detect"``: frames ->
     ``EXPORT_OUTPUTS["detect"]``. Shapes as in :class:`PoseOutputs` / :class:`DetectOutputs`.
     Puts ``model`` in eval mode: the exporter restores the wrapper's mode afterwards, and a wrapper
     left in training mode would switch the model's BatchNorm back to batch statistics.
@@ -267,9 +289,9 @@ class PoseGraph(nn.Module):
         self.model, self.task = model, task
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         if self.task == "keypoints":
-            return tuple(self.model(x)[: len(EXPORT_OUTPUTS["keypoints"])])
+            return tuple(self.model(x, other)[: len(EXPORT_OUTPUTS["keypoints"])])
         return tuple(self.model.detect(x)[: len(EXPORT_OUTPUTS["detect"])])
 
 
@@ -310,9 +332,11 @@ __all__ = [
     "PoseLossWeights",
     "PoseOutputs",
     "PoseTargets",
+    "box_masks",
     "centre_targets",
     "decode_people",
     "detect_loss",
+    "flip_boxes",
     "flip_coords",
     "flip_heatmaps",
     "flip_images",

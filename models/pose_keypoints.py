@@ -110,6 +110,23 @@ def flip_images(images: torch.Tensor) -> torch.Tensor:
     return images.flip(-1)
 
 
+def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """Boxes ``(N, 4)`` x0 y0 x1 y1 in pixels of an image ``width`` wide -> the mirror's boxes
+    (``x -> width - 1 - x``; NaN boxes stay NaN)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack(((width - 1) - x1, y0, (width - 1) - x0, y1), dim=-1)
+
+
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boxes ``(N, 4)`` x0 y0 x1 y1 (pixels, closed: a pixel counts when its centre lies inside) ->
+    masks ``(N, 1, height, width)``, 1 inside and 0 outside. A NaN box (or one with ``x1 < x0``) is an
+    empty mask: comparisons with NaN are false, in PyTorch and in ONNX alike."""
+    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype).reshape(1, 1, height, 1)
+    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype).reshape(1, 1, 1, width)
+    x0, y0, x1, y1 = (boxes[:, k].reshape(-1, 1, 1, 1) for k in range(4))
+    return ((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)).to(boxes.dtype)
+
+
 def flip_heatmaps(heatmaps: torch.Tensor) -> torch.Tensor:
     """Heatmaps ``(N, J, h, w)`` of an image -> those of its mirror: mirrored, joints swapped."""
     return heatmaps.flip(-1).index_select(1, _flip_index(heatmaps.device))

@@ -90,7 +90,10 @@ class PoseRuntime:
         self.input_multiple = self.config.input_multiple
         self.version = str(meta.get("version", ""))
         self.provider = keypoints_session.get_providers()[0]
-        self._kp_input = keypoints_session.get_inputs()[0].name
+        kp_inputs = [i.name for i in keypoints_session.get_inputs()]
+        self._kp_input = kp_inputs[0]
+        # a model that reads the other person's box (PoseConfig.other_person) has a second input
+        self._other_input = kp_inputs[1] if len(kp_inputs) > 1 else None
         self._det_input = detect_session.get_inputs()[0].name
 
     @classmethod
@@ -124,10 +127,14 @@ class PoseRuntime:
         return centre, size, offset
 
     def keypoints(
-        self, crops: np.ndarray, flip_test: bool = False
+        self, crops: np.ndarray, flip_test: bool = False, other: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint8 BGR crops ``(N, S, S, 3)`` -> ``coords2d (N, 25, 2)`` crop pixels, ``joints3d
         (N, 25, 3)`` metres relative to the root, ``confidence (N, 25)`` in [0, 1].
+
+        ``other`` ``(N, 4)``: the box of the other person found in each crop's frame (x0 y0 x1 y1,
+        crop pixels; NaN where the person is alone). Graphs of models that read it get it (NaN for
+        all when ``None``); others ignore it.
 
         ``flip_test``: each crop and its mirror run in one call; the heatmaps are averaged (the
         mirror's flipped back) and decoded by the model's soft-argmax, as training's evaluation does.
@@ -136,9 +143,21 @@ class PoseRuntime:
         """
         n = len(crops)
         batch = np.concatenate([crops, crops[:, :, ::-1]]) if flip_test else crops
-        heatmaps, coords, joints3d, confidence = self._keypoints.run(
-            None, {self._kp_input: np.ascontiguousarray(batch, dtype=np.uint8)}
-        )
+        feed = {self._kp_input: np.ascontiguousarray(batch, dtype=np.uint8)}
+        if self._other_input is not None:
+            boxes = np.full((n, 4), np.nan, np.float32) if other is None else np.asarray(other, np.float32)
+            if boxes.shape != (n, 4):
+                raise ValueError(f"other boxes must be ({n}, 4); got {boxes.shape}")
+            if flip_test:  # the mirror's boxes: x -> S - 1 - x
+                mirrored = boxes[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [
+                    crops.shape[2] - 1,
+                    0,
+                    crops.shape[2] - 1,
+                    0,
+                ]
+                boxes = np.concatenate([boxes, mirrored.astype(np.float32)])
+            feed[self._other_input] = np.ascontiguousarray(boxes, dtype=np.float32)
+        heatmaps, coords, joints3d, confidence = self._keypoints.run(None, feed)
         if not flip_test:
             return coords, joints3d, confidence
         heat = torch.from_numpy(heatmaps)

@@ -216,12 +216,15 @@ def _people(
 ) -> list[list[dict]]:
     """Per frame of ``chunk``: the people found, each lifted by :func:`_lift` (one keypoint call)."""
     detected = _detect(runtime, chunk, threshold, max_people)
-    crops, images = [], []
+    crops, images, others = [], [], []
     for frame, (boxes, _) in zip(chunk, detected, strict=True):
-        for box in boxes:
+        for k, box in enumerate(boxes):
             crops.append(square_crop(box, runtime.crop_margin))  # the training crop: (cx, cy, side)
             images.append(cut_crop(frame, crops[-1], runtime.crop_size))
-    keypoints = runtime.keypoints(np.stack(images), flip_test) if images else ((), (), ())
+            others.append(other_box(boxes, k, crops[-1], runtime.crop_size))
+    keypoints = (
+        runtime.keypoints(np.stack(images), flip_test, other=np.stack(others)) if images else ((), (), ())
+    )
     out, k = [], 0
     for boxes, scores in detected:
         people = []
@@ -231,6 +234,19 @@ def _people(
             k += 1
         out.append(people)
     return out
+
+
+def other_box(boxes: np.ndarray, k: int, crop: np.ndarray, crop_size: int) -> np.ndarray:
+    """The box of the other person found in the frame (the largest, were there more), in the crop
+    pixels of person ``k``'s ``crop (cx, cy, side)``, as training's other boxes are; NaN when ``k``
+    is alone. ``boxes (K, 4)`` x0 y0 x1 y1, video pixels."""
+    rest = [b for j, b in enumerate(boxes) if j != k]
+    if not rest:
+        return np.full(4, np.nan, np.float32)
+    box = np.asarray(max(rest, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])), np.float64)
+    cx, cy, side = (float(v) for v in crop)
+    corner = np.array([cx - side / 2, cy - side / 2] * 2)
+    return ((box - corner) * (crop_size / side)).astype(np.float32)
 
 
 def pose_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,7 +6,9 @@ Both graphs take uint8 BGR images ``(N, H, W, 3)`` (OpenCV's layout) and normali
 graph with :func:`models.pose.normalise_images`, the function training uses, so serving cannot
 normalise differently (and ONNX Runtime does it faster than a separate step).
 
-1. ``keypoints.onnx``: person crops ``crops (N, S, S, 3)`` (``S`` from the model config) ->
+1. ``keypoints.onnx``: person crops ``crops (N, S, S, 3)`` (``S`` from the model config), and for a
+   model that reads the other person's box (``PoseConfig.other_person``) ``other_boxes (N, 4)``
+   float32 x0 y0 x1 y1 in crop pixels, NaN where the crop's person is alone ->
    ``heatmaps``, ``coords2d`` (crop pixels), ``joints3d`` (root-relative metres), ``confidence``;
    the batch is dynamic.
 2. ``detect.onnx``: letterboxed frames ``frames (N, H, W, 3)`` -> person ``centre``, ``size`` and
@@ -66,7 +68,7 @@ from stages.train_pose import load_estimator
 META = "pose.json"
 FORMAT = 1
 KEYPOINTS_FILE, DETECT_FILE = "keypoints.onnx", "detect.onnx"
-KEYPOINTS_INPUT, DETECT_INPUT = "crops", "frames"
+KEYPOINTS_INPUT, DETECT_INPUT, OTHER_INPUT = "crops", "frames", "other_boxes"
 PEOPLE_PER_FRAME = 2  # crops per frame in the pipeline estimate (NTU has at most two actors)
 
 
@@ -125,14 +127,32 @@ def frame_height(frame_width: int, multiple: int) -> int:
 
 class ImageGraph(nn.Module):
     """A :class:`~models.pose.PoseGraph` path taking uint8 BGR images ``(N, H, W, 3)``: the graph
-    normalises them with :func:`~models.pose.normalise_images`, as training does."""
+    normalises them with :func:`~models.pose.normalise_images`, as training does (keypoints of a model
+    with ``other_person`` also take the other boxes ``(N, 4)``)."""
 
     def __init__(self, model: PoseEstimator, task: str):
         super().__init__()
         self.path = PoseGraph(model, task)  # not "graph": torch.export's GraphModule has that name
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.path(normalise_images(images))  # N, 3, H, W float32 inside the graph
+    def forward(self, images: torch.Tensor, other: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return self.path(normalise_images(images), other)  # N, 3, H, W float32 inside the graph
+
+
+def takes_other(model: PoseEstimator, task: str) -> bool:
+    """Whether ``task``'s graph has the second input ``other_boxes``."""
+    return task == "keypoints" and model.cfg.other_person
+
+
+def graph_inputs(
+    model: PoseEstimator, task: str, images: np.ndarray, other: np.ndarray | None = None
+) -> dict:
+    """The ONNX Runtime feed of ``task``'s graph: images, and the other boxes (NaN unless given)."""
+    feed = {KEYPOINTS_INPUT if task == "keypoints" else DETECT_INPUT: images}
+    if takes_other(model, task):
+        feed[OTHER_INPUT] = (
+            np.full((len(images), 4), np.nan, np.float32) if other is None else np.asarray(other, np.float32)
+        )
+    return feed
 
 
 def export_graph(model: PoseEstimator, task: str, path: Path, example: torch.Tensor, opset: int) -> None:
@@ -144,16 +164,19 @@ def export_graph(model: PoseEstimator, task: str, path: Path, example: torch.Ten
     if task == "detect":
         dims[1] = multiple * torch.export.Dim("height_blocks", min=1, max=4096 // multiple)
         dims[2] = multiple * torch.export.Dim("width_blocks", min=1, max=4096 // multiple)
-    name = KEYPOINTS_INPUT if task == "keypoints" else DETECT_INPUT
+    names, args, shapes = [KEYPOINTS_INPUT if task == "keypoints" else DETECT_INPUT], (example,), (dims,)
+    if takes_other(model, task):
+        other = torch.tensor([[10.0, 5.0, 60.0, 90.0]]).repeat(example.shape[0], 1)
+        names, args, shapes = [*names, OTHER_INPUT], (example, other), (dims, {0: dims[0]})
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(
             ImageGraph(model, task).eval(),
-            (example,),
-            input_names=[name],
+            args,
+            input_names=names,
             output_names=list(EXPORT_OUTPUTS[task]),
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes=(dims,),
+            dynamic_shapes=shapes,
             optimize=True,
         )
     save_onnx(program.model_proto, path)
@@ -164,10 +187,13 @@ def _dims(path: Path) -> dict:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    (inp,) = proto.graph.input
+    inp, *more = proto.graph.input
     return {
         "input": inp.name,
         "shape": [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim],
+        "other_inputs": {
+            i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in more
+        },
         "outputs": [o.name for o in proto.graph.output],
         "nodes": len(proto.graph.node),
         "bytes": path.stat().st_size,
@@ -211,14 +237,21 @@ def parity_inputs(cfg, frame_size: tuple[int, int], crop_margin: float, seed: in
     frame = np.pad(frame, ((0, h - frame.shape[0]), (0, 0), (0, 0))) if frame.shape[0] < h else frame[:h]
     noise = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     tall = (h + 2 * cfg.input_multiple, w)  # another aspect ratio: the dynamic height
-    return {
+    nobody = np.full(4, np.nan, np.float32)
+    beside = np.array([0.55, 0.1, 0.95, 0.9], np.float32) * size  # someone on the right
+    return {  # keypoints: (case, crops, other boxes); the boxes are used by models that read them
         "keypoints": [
-            ("uint8_noise", noise),
-            ("stick_figure", np.stack([crop, crop[:, ::-1], np.zeros_like(crop)])),  # and a blank crop
+            ("uint8_noise", noise, np.stack([beside, nobody])),
+            # the figure, its mirror and a blank crop
+            (
+                "stick_figure",
+                np.stack([crop, crop[:, ::-1], np.zeros_like(crop)]),
+                np.stack([nobody, beside, beside]),
+            ),
         ],
         "detect": [
-            ("stick_figure", np.stack([frame, frame[:, ::-1]])),
-            ("uint8_noise", rng.integers(0, 256, (1, *tall, 3), dtype=np.uint8)),
+            ("stick_figure", np.stack([frame, frame[:, ::-1]]), None),
+            ("uint8_noise", rng.integers(0, 256, (1, *tall, 3), dtype=np.uint8), None),
         ],
     }
 
@@ -229,10 +262,10 @@ def parity(model: PoseEstimator, sessions: dict, inputs: dict, tolerance: float)
     report: dict = {"cases": {}, "max_abs_diff": 0.0, "max_scaled_diff": 0.0, "tolerance": tolerance}
     for task, cases in inputs.items():
         graph, session = ImageGraph(model, task).eval(), sessions[task]
-        name = session.get_inputs()[0].name
-        for case, x in cases:
-            ref = [t.numpy() for t in graph(torch.from_numpy(x))]
-            got = session.run(list(EXPORT_OUTPUTS[task]), {name: x})
+        for case, x, other in cases:
+            feed = graph_inputs(model, task, x, other)
+            ref = [t.numpy() for t in graph(*(torch.from_numpy(v) for v in feed.values()))]
+            got = session.run(list(EXPORT_OUTPUTS[task]), feed)
             diffs = {}
             for out, r, g in zip(EXPORT_OUTPUTS[task], ref, got, strict=True):
                 diff = np.abs(r.astype(np.float64) - g)
@@ -257,10 +290,10 @@ def latencies(model: PoseEstimator, sessions: dict, frame_size: tuple[int, int],
     }
     frame = rng.integers(0, 256, (1, *frame_size, 3), np.uint8)
 
-    def onnx(task: str):
+    def onnx(task: str):  # keypoints with other boxes given: the pipeline's two people see each other
         session = sessions[task]
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})
+        beside = np.array([[0.55, 0.1, 0.95, 0.9]], np.float32) * size[1]
+        return lambda x: session.run(None, graph_inputs(model, task, x, beside.repeat(len(x), 0)))
 
     ms = {
         "keypoints": batch1_latency_ms(onnx("keypoints"), crops[1], runs),

@@ -41,6 +41,8 @@ class AugmentParams:
     contrast: float = 0.3
     blur: float = 0.2  # probability of a Gaussian blur (sigma 0.5-1.5 px)
     shift: float = 0.08  # crop centre shift, fraction of the side (detector boxes are not exact)
+    other_jitter: float = 0.05  # std of the other person's box sides, fraction of its width / height
+    other_drop: float = 0.1  # probability of hiding the other person's box (a detector miss)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class PoseSplit:
     frames: np.ndarray  # uint8 (F, Hf, Wf, 3)
     frame_boxes: np.ndarray  # float32 (F, 2, 4) x0 y0 x1 y1 in frame pixels; zeros = no person
     video_scale: np.ndarray  # float32 (N,) video pixels per 1920x1080 colour-frame pixel, per crop
+    other_box: np.ndarray | None = None  # float32 (N, 4) the other person's joint box, crop px; NaN: alone
 
 
 def open_pose_store(pose_dir: Path) -> tuple[zarr.Group, list[dict]]:
@@ -78,8 +81,19 @@ def load_split(pose_dir: Path, benchmark: str, split: str, max_crops: int = 0, s
     members = np.array([v["index"] for v in videos if v["status"] == "ok" and v.get(benchmark) == split])
     crop_video = group["crop_video"][:]
     rows = np.flatnonzero(np.isin(crop_video, members))
+    size = group["crops"].shape[1]
+    # before any subset: a crop's peer (the other person of its frame) may be left out of the subset
+    other = other_boxes(
+        crop_video[rows],
+        group["crop_frame"][:][rows],
+        take_rows(group["crop_box"], rows),
+        take_rows(group["joints2d"], rows),
+        take_rows(group["tracking"], rows) > 0,
+        size,
+    )
     if max_crops and len(rows) > max_crops:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_crops, replace=False))
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), max_crops, replace=False))
+        rows, other = rows[keep], other[keep]
     frame_rows = (
         np.flatnonzero(np.isin(group["frame_video"][:], members)) if "frame_video" in group else rows[:0]
     )
@@ -99,7 +113,45 @@ def load_split(pose_dir: Path, benchmark: str, split: str, max_crops: int = 0, s
         if "frames" in group
         else np.zeros((0, 2, 4), np.float32),
         video_scale=widths[crop_video[rows]] / 1920.0,
+        other_box=other,
     )
+
+
+def other_boxes(
+    crop_video: np.ndarray,
+    crop_frame: np.ndarray,
+    crop_box: np.ndarray,
+    joints2d: np.ndarray,
+    valid: np.ndarray,
+    size: int,
+) -> np.ndarray:
+    """For each crop, the joint box ``(x0, y0, x1, y1)`` of the other person labelled in the same
+    video frame, in this crop's pixels (the box the detector is trained to find, as it lands in the
+    crop); NaN where the person is alone. ``crop_box (N, 3)`` cx, cy, side in video pixels,
+    ``joints2d (N, 25, 2)`` crop pixels, ``valid (N, 25)`` the labelled joints, ``size`` the crop side."""
+    out = np.full((len(crop_video), 4), np.nan, np.float32)
+    key = crop_video.astype(np.int64) * (1 << 32) + crop_frame.astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for a, b in zip(starts, ends, strict=True):
+        if b - a < 2:
+            continue
+        group = order[a:b]
+        video_boxes = {}
+        for r in group:
+            pts = joints2d[r][valid[r]]
+            if len(pts):
+                cx, cy, side = (float(v) for v in crop_box[r])
+                box = np.concatenate([pts.min(0), pts.max(0)]) * (side / size)  # video px from the corner
+                video_boxes[r] = box + [cx - side / 2, cy - side / 2] * 2
+        for r in group:
+            others = [video_boxes[q] for q in group if q != r and q in video_boxes]
+            if others:  # NTU labels at most two people; with more, the largest other one
+                box = max(others, key=lambda x: (x[2] - x[0]) * (x[3] - x[1]))
+                cx, cy, side = (float(v) for v in crop_box[r])
+                out[r] = (box - [cx - side / 2, cy - side / 2] * 2) * (size / side)
+    return out
 
 
 def take_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
@@ -151,8 +203,12 @@ def augment_crop(
     visible: np.ndarray,
     rng: np.random.Generator,
     aug: AugmentParams,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One random augmentation of a crop ``(S, S, 3)`` and its labels (2D crop px, 3D m, visibility)."""
+    other: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One random augmentation of a crop ``(S, S, 3)`` and its labels (2D crop px, 3D m, visibility)
+    and of the other person's box ``(4,)`` (crop px, NaN: none; returned as the axis-aligned box
+    around its moved corners, each side jittered by ``other_jitter`` of its length, and dropped to
+    NaN with probability ``other_drop``, as when the detector misses that person)."""
     size = image.shape[0]
     scale = float(rng.uniform(1 - aug.scale, 1 + aug.scale))
     degrees = float(rng.uniform(-aug.rotation, aug.rotation))
@@ -167,7 +223,25 @@ def augment_crop(
     if flip:
         uv, xyz, visible = uv[FLIP], xyz[FLIP], visible[FLIP]
     inside = (uv >= 0).all(1) & (uv <= size - 1).all(1)
-    return colour_jitter(image, rng, aug), uv, xyz, np.where(inside, visible, 0.0)
+    other = move_box(other, matrix, rng, aug)
+    return colour_jitter(image, rng, aug), uv, xyz, np.where(inside, visible, 0.0), other
+
+
+def move_box(
+    box: np.ndarray | None, matrix: np.ndarray, rng: np.random.Generator, aug: AugmentParams
+) -> np.ndarray:
+    """A box ``(4,)`` x0 y0 x1 y1 through the 2x3 affine ``matrix``, jittered and maybe dropped
+    (:func:`augment_crop`); NaN (or ``None``) stays NaN. Draws from ``rng`` either way, so a crop's
+    other augmentations do not depend on whether it has a peer."""
+    jitter = rng.normal(0.0, aug.other_jitter, 4)
+    drop = rng.random() < aug.other_drop
+    if box is None or not np.isfinite(box).all() or drop:
+        return np.full(4, np.nan, np.float32)
+    x0, y0, x1, y1 = box
+    corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]]) @ matrix[:, :2].T + matrix[:, 2]
+    lo, hi = corners.min(0), corners.max(0)
+    extent = np.tile(hi - lo, 2)
+    return (np.concatenate([lo, hi]) + jitter * extent).astype(np.float32)
 
 
 def colour_jitter(image: np.ndarray, rng: np.random.Generator, aug: AugmentParams) -> np.ndarray:
@@ -193,8 +267,9 @@ def flip_frame(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 class CropDataset(Dataset):
-    """``(image uint8 (S, S, 3) BGR, joints2d (25, 2), joints3d (25, 3), visible (25,))`` tensors
-    (images as OpenCV holds them; :func:`models.pose.normalise_images` makes the network's input)."""
+    """``(image uint8 (S, S, 3) BGR, joints2d (25, 2), joints3d (25, 3), visible (25,), other (4,))``
+    tensors (images as OpenCV holds them; :func:`models.pose.normalise_images` makes the network's
+    input; ``other`` the other person's box in crop pixels, NaN when alone)."""
 
     def __init__(self, split: PoseSplit, aug: AugmentParams | None, seed: int = 0):
         self.split, self.aug, self.seed, self.epoch = split, aug, seed, 0
@@ -205,14 +280,16 @@ class CropDataset(Dataset):
     def __getitem__(self, i: int):
         s = self.split
         image, uv, xyz, vis = s.crops[i], s.joints2d[i], s.joints3d[i], s.visible[i]
+        other = s.other_box[i] if s.other_box is not None else np.full(4, np.nan, np.float32)
         if self.aug is not None:
             rng = np.random.default_rng((self.seed, self.epoch, i))
-            image, uv, xyz, vis = augment_crop(image, uv, xyz, vis, rng, self.aug)
+            image, uv, xyz, vis, other = augment_crop(image, uv, xyz, vis, rng, self.aug, other)
         return (
             torch.from_numpy(np.ascontiguousarray(image)),
             torch.from_numpy(np.asarray(uv, np.float32)),
             torch.from_numpy(np.asarray(xyz, np.float32)),
             torch.from_numpy(np.asarray(vis, np.float32)),
+            torch.from_numpy(np.asarray(other, np.float32)),
         )
 
 

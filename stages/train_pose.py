@@ -10,6 +10,12 @@ last epoch (and every ``eval_every``) the held-out performers' crops give PCK@0.
 (torso-normalised), the mean 2D error in colour-frame pixels and the root-relative MPJPE (mm), and
 their frames the person-detection recall and precision at IoU 0.5.
 
+With ``other_person`` (default) each crop also carries the joint box of the other person labelled in
+its frame (:func:`stages.pose_dataset.other_boxes`; moved with the crop's augmentation, jittered, and
+hidden one time in ten as a detector miss would), which the keypoint network reads as a mask channel:
+where two performers overlap, it says which body is not the target. Evaluation gives the held-out
+crops their labelled peers' boxes, as the crops themselves are cut from labelled boxes.
+
 The runtime is the action trainer's (:mod:`stages.training`): bf16 autocast, TF32, ``torch.compile``
 and fused optimisers on CUDA; fp32 with one thread per core on CPU. ``last.pt`` is written atomically
 every epoch with the model config, optimiser, EMA, RNG states and history, loads with
@@ -44,6 +50,7 @@ from models.pose import (
     centre_targets,
     decode_people,
     detect_loss,
+    flip_boxes,
     flip_heatmaps,
     flip_images,
     flip_location_maps,
@@ -87,6 +94,7 @@ class TrainPoseParams:
     loss: PoseLossWeights = dataclasses.field(default_factory=PoseLossWeights)
     sigma: float = 2.0  # heatmap targets' std, heatmap pixels (1/4 of the crop's)
     model: Literal["small", "full"] = "small"
+    other_person: bool = True  # the keypoint network also reads the other person's box (PoseConfig)
     benchmark: str = "ntu120_xsub"  # its test half (held-out performers) is the evaluation set
     frame_batch_size: int = 8  # detector frames per step, beside recipe.batch_size crops
     max_train_crops: int = 0  # 0 = all
@@ -139,11 +147,11 @@ def train_step_losses(
     weights: PoseLossWeights,
 ):
     """The keypoint and detection losses of one step (``detect``: the maybe-compiled ``model.detect``)."""
-    images, uv, xyz, vis = (t.to(rt.device, non_blocking=True) for t in crops)
+    images, uv, xyz, vis, other = (t.to(rt.device, non_blocking=True) for t in crops)
     frame_images, boxes = (t.to(rt.device, non_blocking=True) for t in frames)
     x, fx = normalise_images(images), normalise_images(frame_images)
     with rt.autocast():
-        out = model(x)
+        out = model(x, other)
         det = detect(fx)
     out, det = _float(out), _float(det)
     kp = pose_loss(out, pose_targets(uv, vis, cfg, xyz, input_size=tuple(x.shape[2:])), weights)
@@ -198,18 +206,27 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_crops(
-    model: PoseEstimator, images: np.ndarray, rt: training.Runtime, flip_test: bool, batch_size: int = 64
+    model: PoseEstimator,
+    images: np.ndarray,
+    rt: training.Runtime,
+    flip_test: bool,
+    batch_size: int = 64,
+    other: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """uint8 BGR crops ``(N, S, S, 3)`` -> 2D joints ``(N, 25, 2)`` (crop px), 3D ``(N, 25, 3)`` (m) and
-    confidence ``(N, 25)``; with ``flip_test`` the maps are averaged with the mirrored crop's."""
+    confidence ``(N, 25)``; with ``flip_test`` the maps are averaged with the mirrored crop's.
+    ``other`` ``(N, 4)``: the other person's box per crop (crop px, NaN: alone), for models that read it."""
     model.eval()
+    if other is None:
+        other = np.full((len(images), 4), np.nan, np.float32)
     out2d, out3d, conf = [], [], []
     for i in range(0, len(images), batch_size):
         x = normalise_images(torch.from_numpy(images[i : i + batch_size]).to(rt.device))
+        boxes = torch.from_numpy(np.asarray(other[i : i + batch_size], np.float32)).to(rt.device)
         with rt.autocast():
-            out = _float(model(x))
+            out = _float(model(x, boxes))
             if flip_test:
-                mirrored = _float(model(flip_images(x)))
+                mirrored = _float(model(flip_images(x), flip_boxes(boxes, x.shape[-1])))
                 heat = (out.heatmaps + flip_heatmaps(mirrored.heatmaps)) / 2
                 maps = (out.location_maps + flip_location_maps(mirrored.location_maps)) / 2
                 out = keypoint_outputs(heat, maps, model.cfg.beta)
@@ -253,7 +270,7 @@ def evaluate(
     model: PoseEstimator, split: PoseSplit, rt: training.Runtime, flip_test: bool, threshold: float = 0.3
 ) -> dict:
     """Held-out metrics: :func:`stages.pose_metrics.pose_metrics` on the crops, detection on the frames."""
-    pred2d, pred3d, _ = predict_crops(model, split.crops, rt, flip_test)
+    pred2d, pred3d, _ = predict_crops(model, split.crops, rt, flip_test, other=split.other_box)
     size = split.crops.shape[1]
     # colour-frame pixels per crop pixel: crop side (video px) / crop size / (video px per colour px)
     pixel_scale = split.crop_box[:, 2] / size / split.video_scale
@@ -294,7 +311,9 @@ def run(
             f"cannot fill one batch ({recipe.batch_size} / {params.frame_batch_size})"
         )
     size = train.crops.shape[1]
-    cfg = pose_config_for(params.model, input_size=(size, size), sigma=params.sigma)
+    cfg = pose_config_for(
+        params.model, input_size=(size, size), sigma=params.sigma, other_person=params.other_person
+    )
     resolved = {"train_pose": dataclasses.asdict(params), "model": cfg.to_dict(), "crops": len(train.crops)}
     run_id = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

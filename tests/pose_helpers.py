@@ -27,6 +27,7 @@ TINY_POSE = PoseConfig(
     detect_width=8,
     detect_widths=(8, 16),
     input_size=(64, 64),
+    other_person=True,  # as train_pose makes them: the keypoint graph also takes the other boxes
 )
 CENTRE_LOGIT = 3.0  # sigmoid 0.953 in every cell: a person is "found" at the default threshold 0.3
 

@@ -35,9 +35,11 @@ def runtime(exported):
     return PoseRuntime.load(exported.dir)
 
 
-def _shape(path: Path) -> list:
-    (inp,) = onnx.load(str(path)).graph.input
-    return [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+def _shapes(path: Path) -> dict:
+    return {
+        inp.name: [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        for inp in onnx.load(str(path)).graph.input
+    }
 
 
 def test_pose_json_describes_checked_graphs(exported):
@@ -45,8 +47,12 @@ def test_pose_json_describes_checked_graphs(exported):
     assert meta["config"] == TINY_POSE.to_dict() and meta["kind"] == "pose_estimator"
     assert (meta["crop_margin"], meta["frame_width"], meta["geometry_source"]) == (1.3, 320, "params")
     assert meta["checkpoint"]["eval_weights"] == "model"
-    kp, det = _shape(exported.dir / "keypoints.onnx"), _shape(exported.dir / "detect.onnx")
+    kp_inputs = _shapes(exported.dir / "keypoints.onnx")
+    (det,) = _shapes(exported.dir / "detect.onnx").values()
+    kp, other = kp_inputs["crops"], kp_inputs["other_boxes"]
     assert isinstance(kp[0], str) and kp[1:] == [64, 64, 3]  # uint8 BGR crops: dynamic batch, fixed size
+    assert other == [kp[0], 4]  # the other person's box per crop: the same dynamic batch
+    assert meta["keypoints"]["other_inputs"] == {"other_boxes": other}
     assert all(isinstance(d, str) for d in det[:3]) and det[3] == 3  # frames: batch, H, W dynamic
     assert meta["keypoints"]["outputs"] == list(EXPORT_OUTPUTS["keypoints"])
     assert meta["detect"]["outputs"] == list(EXPORT_OUTPUTS["detect"])
@@ -77,15 +83,23 @@ def test_graphs_match_pytorch_at_new_sizes_and_the_reference_predictions(exporte
     for got, want in zip(runtime.detect(frames), ref[:3], strict=True):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
     crops = np.stack([f[:64, :64] for f in frames] + [np.zeros((64, 64, 3), np.uint8)])
+    other = np.array([[30, 5, 63, 60], [np.nan] * 4, [-10, 20, 20.5, 70], [0, 0, 40, 40]], np.float32)
     for flip in (False, True):
-        coords, joints3d, confidence = runtime.keypoints(crops, flip_test=flip)
-        ref2d, ref3d, ref_conf = predict_crops(model, crops, CPU, flip_test=flip)
-        assert coords.shape == (4, 25, 2) and joints3d.shape == (4, 25, 3) and confidence.shape == (4, 25)
-        np.testing.assert_allclose(coords, ref2d, atol=2e-3)  # crop pixels
-        np.testing.assert_allclose(confidence, ref_conf, atol=1e-4)
-        if not flip:  # the flip test reads averaged location maps in PyTorch, averages 3D readings here
-            np.testing.assert_allclose(joints3d, ref3d, atol=1e-4)
+        for boxes in (other, None):
+            coords, joints3d, confidence = runtime.keypoints(crops, flip_test=flip, other=boxes)
+            ref2d, ref3d, ref_conf = predict_crops(model, crops, CPU, flip_test=flip, other=boxes)
+            assert coords.shape == (4, 25, 2) and joints3d.shape == (4, 25, 3) and confidence.shape == (4, 25)
+            np.testing.assert_allclose(coords, ref2d, atol=2e-3)  # crop pixels
+            np.testing.assert_allclose(confidence, ref_conf, atol=1e-4)
+            if not flip:  # the flip test reads averaged location maps in PyTorch, averages 3D readings here
+                np.testing.assert_allclose(joints3d, ref3d, atol=1e-4)
     assert coords.std() > 1.0 and joints3d.std() > 1e-3  # the outputs vary: the checks are not vacuous
+    # the boxes reach the graph: a crop with someone beside it gets other keypoints than alone
+    with_box = runtime.keypoints(crops, other=other)[0]
+    alone = runtime.keypoints(crops)[0]
+    assert np.abs(with_box[0] - alone[0]).max() > 1e-2 and np.abs(with_box[1] - alone[1]).max() == 0
+    with pytest.raises(ValueError, match=re.escape("other boxes must be (4, 4)")):
+        runtime.keypoints(crops, other=other[:2])
 
 
 def test_runtime_refuses_altered_missing_or_undescribed_graphs(exported, tmp_path):
@@ -127,12 +141,11 @@ class _Session:
     def __init__(self, model, task: str, error: float):
         self.graph, self.error = export_pose.ImageGraph(model, task), error
 
-    def get_inputs(self):
-        return [type("Input", (), {"name": "x"})()]
-
     def run(self, names, feeds):
         with torch.no_grad():
-            return [t.numpy() + self.error for t in self.graph(torch.from_numpy(feeds["x"]))]
+            return [
+                t.numpy() + self.error for t in self.graph(*(torch.from_numpy(v) for v in feeds.values()))
+            ]
 
 
 def test_parity_fails_beyond_the_tolerance():
@@ -147,11 +160,12 @@ def test_parity_fails_beyond_the_tolerance():
 
 def test_parity_inputs_hold_a_drawn_person():
     inputs = export_pose.parity_inputs(TINY_POSE, (192, 320), 1.3, seed=0)
-    name, crops = inputs["keypoints"][1]
+    name, crops, other = inputs["keypoints"][1]
     assert name == "stick_figure" and crops.shape == (3, 64, 64, 3) and crops.dtype == np.uint8
     assert crops[0, 0, 0].max() == 40 and (crops[0] > 200).sum() > 100  # bones on the floor, in the crop
     np.testing.assert_array_equal(crops[1], crops[0][:, ::-1])  # and its mirror
-    name, frames = inputs["detect"][0]
+    assert np.isnan(other[0]).all() and (other[1:, 2] > other[1:, 0]).all()  # alone, then someone beside
+    name, frames, _ = inputs["detect"][0]
     assert frames.shape == (2, 192, 320, 3) and (frames[0] > 200).any()
 
 

@@ -19,7 +19,7 @@ from stages import pose_data, train_pose
 from stages import render as render_stage
 from stages.ntu_files import NTU120_XSUB_TRAIN_SUBJECTS
 from stages.params import ParamsError
-from stages.pose_dataset import AugmentParams, CropDataset, load_split
+from stages.pose_dataset import AugmentParams, CropDataset, load_split, other_boxes
 from stages.skeleton_text import parse_skeleton
 from stages.synthesize import SynthesizeParams
 from stages.synthesize import run as synthesize
@@ -236,13 +236,50 @@ def test_augmented_crops_keep_labels_on_the_body(pose_pairs):
     root, _ = pose_pairs
     split = load_split(root / "pose", "ntu120_xsub", "train")
     dataset = CropDataset(split, AugmentParams(), seed=3)
-    image, uv, xyz, vis = dataset[0]
+    image, uv, xyz, vis, other = dataset[0]
     assert image.shape == (64, 64, 3) and image.dtype == torch.uint8
-    assert uv.shape == (25, 2) and xyz.shape == (25, 3) and vis.shape == (25,)
+    assert uv.shape == (25, 2) and xyz.shape == (25, 3) and vis.shape == (25,) and other.shape == (4,)
     assert torch.all(xyz[SPINE_MIDDLE] == 0)
     # bone lengths are preserved by the 3D rotation / flip
     bone = np.linalg.norm(split.joints3d[0, 3] - split.joints3d[0, 2])
     np.testing.assert_allclose(np.linalg.norm(xyz[3] - xyz[2]), bone, rtol=1e-5)
+
+
+def test_each_crop_knows_the_other_person_of_its_frame(pose_pairs):
+    root, _ = pose_pairs
+    split = load_split(root / "pose", "ntu120_xsub", "train")
+    group = zarr.open_group(str(root / "pose" / "pose.zarr"), mode="r")
+    rows = np.flatnonzero(np.isin(group["crop_video"][:], split.crop_video))  # load_split's rows (no subset)
+    key = list(zip(split.crop_video.tolist(), group["crop_frame"][:][rows].tolist(), strict=True))
+    paired = np.isfinite(split.other_box).all(1)
+    assert paired.any() and (~paired).any()  # the fixture holds one- and two-person frames
+    size = split.crops.shape[1]
+    for i in np.flatnonzero(paired)[:20]:
+        (j,) = [q for q in range(len(key)) if key[q] == key[i] and q != i]  # the peer: same video, frame
+        to_video = split.crop_box[j, 2] / size, split.crop_box[j, :2] - split.crop_box[j, 2] / 2
+        pts = split.joints2d[j][split.visible[j] > 0] * to_video[0] + to_video[1]  # peer joints, video px
+        corner = np.tile(split.crop_box[i, :2] - split.crop_box[i, 2] / 2, 2)
+        back = split.other_box[i] * split.crop_box[i, 2] / size + corner
+        np.testing.assert_allclose(back, np.concatenate([pts.min(0), pts.max(0)]), atol=1e-2)
+    for i in np.flatnonzero(~paired):
+        assert sum(k == key[i] for k in key) == 1  # alone in its frame
+
+
+def test_other_boxes_pair_crops_by_video_and_frame():
+    size = 100
+    crop_box = np.array([[100, 100, 50], [130, 100, 100], [100, 100, 50], [500, 500, 200]], np.float32)
+    joints = np.zeros((4, 25, 2), np.float32)
+    joints[:, :, 0], joints[:, :, 1] = np.linspace(20, 80, 25), np.linspace(10, 90, 25)
+    valid = np.ones((4, 25), bool)
+    valid[1, :5] = False  # only labelled joints make the box
+    video, frame = np.array([0, 0, 0, 1]), np.array([7, 7, 8, 7])
+    out = other_boxes(video, frame, crop_box, joints, valid, size)
+    assert np.isnan(out[2:]).all()  # another frame, another video: alone
+    # crop 1 (side 100 at (130, 100), 1 video px per crop px): its joints 5.. in video px
+    peer = np.array([80 + 20 + 60 * 5 / 24, 50 + 10 + 80 * 5 / 24, 80 + 80, 50 + 90])
+    np.testing.assert_allclose(out[0], (peer - [75, 75, 75, 75]) * 2, atol=1e-3)
+    mine = np.array([75 + 10, 75 + 5, 75 + 40, 75 + 45])  # crop 0's joints in video px
+    np.testing.assert_allclose(out[1], mine - [80, 50, 80, 50], atol=1e-3)
 
 
 @pytest.mark.slow

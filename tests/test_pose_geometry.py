@@ -123,17 +123,46 @@ def test_augment_crop_swaps_left_and_right_on_flip():
     uv = rng.uniform(10, 54, (25, 2))
     xyz = _body(rng)
     vis = np.ones(25, np.float32)
-    aug = AugmentParams(scale=0.0, rotation=0.0, flip=1.0, shift=0.0, brightness=0.0, contrast=0.0, blur=0.0)
-    _, uv2, xyz2, _ = augment_crop(image, uv, xyz, vis, rng, aug)
+    aug = AugmentParams(scale=0.0, rotation=0.0, flip=1.0, shift=0.0, brightness=0.0, contrast=0.0, blur=0.0,
+                        other_jitter=0.0, other_drop=0.0)  # fmt: skip
+    other = np.array([40.0, 2.0, 60.0, 50.0], np.float32)
+    _, uv2, xyz2, _, other2 = augment_crop(image, uv, xyz, vis, rng, aug, other)
     flip = list(FLIP_INDEX)
     np.testing.assert_allclose(uv2[:, 0], 63 - uv[flip, 0])
     np.testing.assert_allclose(uv2[:, 1], uv[flip, 1])
     np.testing.assert_allclose(xyz2[:, 0], -xyz[flip, 0])
+    np.testing.assert_allclose(other2, [3.0, 2.0, 23.0, 50.0])  # the other person's box mirrored too
     # a joint pushed outside the crop by the augmentation stops counting as visible
     uv[0] = [-5.0, 30.0]
-    _, _, _, vis3 = augment_crop(image, uv, xyz, vis, rng, AugmentParams(scale=0.0, rotation=0.0, flip=0.0,
-                                                                         shift=0.0))  # fmt: skip
-    assert vis3[0] == 0.0 and vis3[1:].all()
+    still = AugmentParams(scale=0.0, rotation=0.0, flip=0.0, shift=0.0)
+    _, _, _, vis3, none = augment_crop(image, uv, xyz, vis, rng, still)
+    assert vis3[0] == 0.0 and vis3[1:].all() and np.isnan(none).all()  # no peer: no box
+
+
+def test_other_box_moves_with_the_crop_and_is_dropped_as_a_detector_miss():
+    rng = np.random.default_rng(0)
+    image = np.zeros((64, 64, 3), np.uint8)
+    peer = rng.uniform(5, 59, (25, 2))  # the other person's joints in the crop
+    box = np.concatenate([peer.min(0), peer.max(0)]).astype(np.float32)
+    uv, xyz, vis = rng.uniform(10, 54, (25, 2)), _body(rng), np.ones(25, np.float32)
+    exact = AugmentParams(rotation=0.0, other_jitter=0.0, other_drop=0.0)  # zoom, shift, flip: axis-aligned
+    for seed in range(6):
+        matrix_rng, aug_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        scale = float(matrix_rng.uniform(1 - exact.scale, 1 + exact.scale))
+        matrix_rng.uniform(-0.0, 0.0)  # the rotation draw
+        flip = bool(matrix_rng.random() < exact.flip)
+        shift = tuple(matrix_rng.uniform(-exact.shift, exact.shift, 2) * 64)
+        matrix = crop_affine(64, scale, 0.0, flip, shift)
+        moved = peer @ matrix[:, :2].T + matrix[:, 2]
+        *_, got = augment_crop(image, uv, xyz, vis, aug_rng, exact, box)
+        np.testing.assert_allclose(got, np.concatenate([moved.min(0), moved.max(0)]), atol=1e-3)
+    turned = augment_crop(image, uv, xyz, vis, rng, AugmentParams(rotation=30.0, other_jitter=0.0,
+                                                                  other_drop=0.0), box)[4]  # fmt: skip
+    assert (turned[2:] - turned[:2] > box[2:] - box[:2] - 1e-3).all()  # a turned box's frame is no smaller
+    jittered = augment_crop(image, uv, xyz, vis, rng, AugmentParams(other_drop=0.0, other_jitter=0.2), box)[4]
+    assert np.isfinite(jittered).all()
+    dropped = augment_crop(image, uv, xyz, vis, rng, AugmentParams(other_drop=1.0), box)[4]
+    assert np.isnan(dropped).all()
 
 
 def test_flip_frame_mirrors_boxes_and_keeps_empty_rows():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -22,9 +23,11 @@ from models.pose import (
     PoseEstimator,
     PoseGraph,
     PoseOutputs,
+    box_masks,
     centre_targets,
     decode_people,
     detect_loss,
+    flip_boxes,
     flip_coords,
     flip_heatmaps,
     flip_images,
@@ -185,10 +188,11 @@ class OpRecorder(TorchFunctionMode):
 
 
 def test_no_einsum_and_nothing_above_rank_4():
-    model = PoseEstimator(pose_config_for("small")).eval()
+    model = PoseEstimator(pose_config_for("small", other_person=True)).eval()
     boxes = torch.tensor([[[60.0, 50.0, 40.0, 90.0], [200.0, 90.0, 30.0, 60.0]]])
+    other = torch.tensor([[70.0, 10.0, 120.0, 120.0], [float("nan")] * 4])
     with torch.no_grad(), OpRecorder() as rec:
-        out = model(torch.randn(2, 3, 128, 128))
+        out = model(torch.randn(2, 3, 128, 128), other)
         det = model.detect(torch.randn(1, 3, 192, 320))
         decode_people(det.centre, det.size, det.offset)
         targets = centre_targets(boxes, (24, 40))
@@ -436,6 +440,65 @@ def test_tiny_model_overfits_four_crops(one_thread):
     assert first["heatmap"] + first["coords"] > 5 * (last["heatmap"] + last["coords"]).item()
     assert first["joints3d"] > 5 * last["joints3d"].item()
     assert (out.coords2d - coords).norm(dim=-1).mean() < 3.0  # pixels, from ~20 at the start
+
+
+def test_other_person_boxes_become_a_mask_channel(one_thread):
+    boxes = torch.tensor([[1.0, 0.0, 2.5, 1.0], [float("nan")] * 4, [3.0, 0.0, 1.0, 2.0], [-9, -9, 99, 99]])
+    masks = box_masks(boxes, 3, 5)
+    assert masks.shape == (4, 1, 3, 5)
+    assert masks[0, 0].tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]]  # pixel centres inside
+    assert not masks[1:3].any() and masks[3].all()  # NaN or x1 < x0: nobody; larger than the crop: all
+    boxes = torch.tensor([[0.5, 1.0, 2.0, 3.0], [10.0, 0.0, 13.2, 7.0]])
+    assert torch.equal(box_masks(flip_boxes(boxes, 16), 8, 16), box_masks(boxes, 8, 16).flip(-1))
+    assert torch.equal(flip_boxes(flip_boxes(boxes, 16), 16), boxes)
+
+    cfg = pose_config_for("small", other_person=True)
+    model = randomise(PoseEstimator(cfg)).eval()
+    assert count_parameters(model) == SMALL_PARAMETERS + 32 * 9  # one more input channel in the stem
+    assert model.backbone.stem[0][0].in_channels == 4 and model.detect_backbone.stem[0][0].in_channels == 3
+    x = torch.randn(2, 3, 128, 128)
+    beside = torch.tensor([[70.0, 10.0, 120.0, 120.0], [float("nan")] * 4])
+    with torch.no_grad():
+        alone, nan, told = model(x), model(x, torch.full((2, 4), float("nan"))), model(x, beside)
+    assert torch.equal(alone.heatmaps, nan.heatmaps)  # no boxes given: nobody else in any crop
+    assert (told.heatmaps[0] - alone.heatmaps[0]).abs().max() > 1e-3  # the box reaches the network
+    assert torch.equal(told.heatmaps[1], alone.heatmaps[1])
+    with pytest.raises(ValueError, match=re.escape("other boxes must be (N, 4) for 2 crops; got (1, 4)")):
+        model(x, beside[:1])
+    plain = PoseEstimator(pose_config_for("small")).eval()
+    with torch.no_grad():  # a model without the channel ignores the boxes
+        assert torch.equal(plain(x, beside).heatmaps, plain(x).heatmaps)
+
+
+def test_the_other_persons_box_tells_the_network_which_of_two_bodies_is_its_target(one_thread):
+    """Two identical bodies in each crop; the target is the one outside the other-person box. Only a
+    network that reads the box can fit both labellings of the same image."""
+    first = random_coords(4, 6.0, 24.0, seed=11)
+    first[..., 1] = first[..., 1] * 2  # y in 12-48
+    second = first + torch.tensor([30.0, 8.0])
+    images = blob_images(first, 64) + blob_images(second, 64, seed=0)
+    images, coords = images.repeat(2, 1, 1, 1), torch.cat([first, second])
+    box_of = lambda c: torch.cat([c.amin(1) - 2, c.amax(1) + 2], dim=1)  # noqa: E731
+    other = torch.cat([box_of(second), box_of(first)])  # each target's other body is boxed
+
+    def fit(other_person: bool) -> float:
+        torch.manual_seed(0)
+        cfg = PoseConfig(stem_width=16, stem_blocks=1, widths=(16, 32), stage_modules=(1,),
+                         stage_blocks=(1,), detect_width=8, detect_widths=(8, 16), input_size=(64, 64),
+                         other_person=other_person)  # fmt: skip
+        model = PoseEstimator(cfg)
+        targets = pose_targets(coords, torch.ones(8, 25), cfg)
+        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(150):
+            loss = pose_loss(model(images, other), targets)["total"]
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            return float((model.eval()(images, other).coords2d - coords).norm(dim=-1).mean())
+
+    told, blind = fit(True), fit(False)
+    assert told < 4.0 and blind > 8.0, (told, blind)  # the bodies are 31 px apart: guessing costs ~15
 
 
 # ---- images and export ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from serving.app import create_app
 from serving.pose_runtime import PoseRuntime
 from serving.schemas import ClassScore, Prediction
 from stages.ntu_files import MUTUAL_ACTIONS
+from stages.pose_data import crop_matrix, square_crop
 from tests.factory import STANDING, moving
 from tests.pose_helpers import pose_export, stick_figure_frames, write_video
 from tests.serving_helpers import Reference, as_clip, raw_files, serving, settings_for, softmax
@@ -75,7 +76,7 @@ class BlobRuntime:
     crop_size, frame_width, crop_margin, input_multiple = 64, 320, 1.3, 32
 
     def __init__(self):
-        self.frame_shapes, self.crop_shapes, self.frames_seen = [], [], 0
+        self.frame_shapes, self.crop_shapes, self.frames_seen, self.others = [], [], 0, []
 
     def detect(self, frames: np.ndarray):
         n, h, w, _ = frames.shape
@@ -100,8 +101,9 @@ class BlobRuntime:
             self.frames_seen += 1
         return centre, size, offset
 
-    def keypoints(self, crops: np.ndarray, flip_test: bool = False):
+    def keypoints(self, crops: np.ndarray, flip_test: bool = False, other: np.ndarray | None = None):
         self.crop_shapes.append(crops.shape)
+        self.others.append(other)
         n = len(crops)
         coords, rel, conf = (
             np.zeros((n, NUM_JOINTS, 2)),
@@ -144,6 +146,9 @@ def test_geometry_chain_back_to_video_pixels_camera_space_and_actor_slots():
 
     assert [s[1:] for s in fake.frame_shapes] == [(192, 320, 3)] * 2  # letterboxed, 8 + 6 frames
     assert all(s[1:] == (64, 64, 3) for s in fake.crop_shapes)
+    others = np.concatenate(fake.others)  # each crop is told where the other person is: 13 frames x 2
+    alone = ~np.isfinite(others).all(1)
+    assert len(others) == 27 and alone.sum() == 1 and np.isnan(others[alone]).all()  # frame 5's crop
     assert skeleton.frames == frames and skeleton.size == (width, height) and skeleton.people == 2
     slot_of = {1: 0, 0: 1}  # the person who moves most is actor 1 (slot 0), as in the file path
     assert skeleton.present[:, 0].all() and skeleton.present[:, 1].sum() == frames - 1
@@ -164,6 +169,21 @@ def test_geometry_chain_back_to_video_pixels_camera_space_and_actor_slots():
         bridged.joints[:, 5, :, 1], (skeleton.joints[:, 4, :, 1] + skeleton.joints[:, 6, :, 1]) / 2, atol=1e-6
     )
     np.testing.assert_allclose(bridged.joints[:, :5], skeleton.joints[:, :5])  # the rest as it was
+
+
+def test_other_box_is_the_other_detection_in_the_crops_pixels():
+    boxes = np.array([[100, 50, 160, 250], [140, 60, 220, 240], [300, 40, 310, 60]], np.float64)
+    crop = square_crop(boxes[0], 1.3)  # (130, 150, 260)
+    got = video.other_box(boxes[:2], 0, crop, 128)
+    matrix = crop_matrix(crop, 128)
+    want = np.concatenate(
+        [boxes[1, :2] @ matrix[:, :2].T + matrix[:, 2], boxes[1, 2:] @ matrix[:, :2].T + matrix[:, 2]]
+    )
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert got.dtype == np.float32 and np.isnan(video.other_box(boxes[:1], 0, crop, 128)).all()  # alone
+    np.testing.assert_allclose(video.other_box(boxes, 0, crop, 128), want, atol=1e-4)  # the largest other
+    back = video.other_box(boxes[:2], 1, square_crop(boxes[1], 1.3), 128)
+    assert 0 < back[0] < back[2] < 64  # person 0 stands left of person 1, inside its crop
 
 
 def test_a_track_missed_for_a_while_keeps_its_slot_to_itself():
