@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.pose import PoseConfig, flip_heatmaps, flip_joints3d, heatmap_to_input, soft_argmax
+from models.pose import (
+    PoseConfig,
+    flip_boxes,
+    flip_heatmaps,
+    flip_joints3d,
+    heatmap_to_input,
+    soft_argmax,
+)
 from stages.bundle import sha256_file
 
 META = "pose.json"  # stages.export_pose.META (not imported: serving needs no exporter)
@@ -148,14 +155,8 @@ class PoseRuntime:
             boxes = np.full((n, 4), np.nan, np.float32) if other is None else np.asarray(other, np.float32)
             if boxes.shape != (n, 4):
                 raise ValueError(f"other boxes must be ({n}, 4); got {boxes.shape}")
-            if flip_test:  # the mirror's boxes: x -> S - 1 - x
-                mirrored = boxes[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [
-                    crops.shape[2] - 1,
-                    0,
-                    crops.shape[2] - 1,
-                    0,
-                ]
-                boxes = np.concatenate([boxes, mirrored.astype(np.float32)])
+            if flip_test:  # the mirror's boxes
+                boxes = np.concatenate([boxes, flip_boxes(torch.from_numpy(boxes), crops.shape[2]).numpy()])
             feed[self._other_input] = np.ascontiguousarray(boxes, dtype=np.float32)
         heatmaps, coords, joints3d, confidence = self._keypoints.run(None, feed)
         if not flip_test:

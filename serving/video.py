@@ -243,10 +243,9 @@ def other_box(boxes: np.ndarray, k: int, crop: np.ndarray, crop_size: int) -> np
     rest = [b for j, b in enumerate(boxes) if j != k]
     if not rest:
         return np.full(4, np.nan, np.float32)
-    box = np.asarray(max(rest, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])), np.float64)
-    cx, cy, side = (float(v) for v in crop)
-    corner = np.array([cx - side / 2, cy - side / 2] * 2)
-    return ((box - corner) * (crop_size / side)).astype(np.float32)
+    box = np.asarray(max(rest, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])), np.float64).reshape(2, 2)
+    matrix = crop_matrix(crop, crop_size)  # video pixels -> crop pixels, as the crop is cut
+    return (box @ matrix[:, :2].T + matrix[:, 2]).reshape(4).astype(np.float32)
 
 
 def pose_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -58,7 +58,7 @@ class PoseSplit:
     frames: np.ndarray  # uint8 (F, Hf, Wf, 3)
     frame_boxes: np.ndarray  # float32 (F, 2, 4) x0 y0 x1 y1 in frame pixels; zeros = no person
     video_scale: np.ndarray  # float32 (N,) video pixels per 1920x1080 colour-frame pixel, per crop
-    other_box: np.ndarray | None = None  # float32 (N, 4) the other person's joint box, crop px; NaN: alone
+    other_box: np.ndarray  # float32 (N, 4) the other person's joint box, crop px; NaN: alone
 
 
 def open_pose_store(pose_dir: Path) -> tuple[zarr.Group, list[dict]]:
@@ -81,30 +81,31 @@ def load_split(pose_dir: Path, benchmark: str, split: str, max_crops: int = 0, s
     members = np.array([v["index"] for v in videos if v["status"] == "ok" and v.get(benchmark) == split])
     crop_video = group["crop_video"][:]
     rows = np.flatnonzero(np.isin(crop_video, members))
-    size = group["crops"].shape[1]
-    # before any subset: a crop's peer (the other person of its frame) may be left out of the subset
+    # the labels of every crop of the split, read once: a crop's peer (the other person of its frame)
+    # may be left out of the subset below, and its box is still that crop's other box
+    crop_box, joints2d, tracking = (take_rows(group[k], rows) for k in ("crop_box", "joints2d", "tracking"))
     other = other_boxes(
         crop_video[rows],
         group["crop_frame"][:][rows],
-        take_rows(group["crop_box"], rows),
-        take_rows(group["joints2d"], rows),
-        take_rows(group["tracking"], rows) > 0,
-        size,
+        crop_box,
+        joints2d,
+        tracking > 0,
+        group["crops"].shape[1],
     )
+    keep = np.arange(len(rows))
     if max_crops and len(rows) > max_crops:
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), max_crops, replace=False))
-        rows, other = rows[keep], other[keep]
+    rows, crop_box, joints2d, tracking, other = (a[keep] for a in (rows, crop_box, joints2d, tracking, other))
     frame_rows = (
         np.flatnonzero(np.isin(group["frame_video"][:], members)) if "frame_video" in group else rows[:0]
     )
-    tracking = take_rows(group["tracking"], rows)
     widths = np.array([v.get("width") or 1920 for v in videos], np.float32)
     return PoseSplit(
         crops=take_rows(group["crops"], rows),
-        joints2d=take_rows(group["joints2d"], rows),
+        joints2d=joints2d,
         joints3d=take_rows(group["joints3d"], rows),
         visible=np.select([tracking == 2, tracking == 1], [1.0, 0.5], 0.0).astype(np.float32),
-        crop_box=take_rows(group["crop_box"], rows),
+        crop_box=crop_box,
         crop_video=crop_video[rows],
         frames=take_rows(group["frames"], frame_rows)
         if "frames" in group
@@ -280,7 +281,7 @@ class CropDataset(Dataset):
     def __getitem__(self, i: int):
         s = self.split
         image, uv, xyz, vis = s.crops[i], s.joints2d[i], s.joints3d[i], s.visible[i]
-        other = s.other_box[i] if s.other_box is not None else np.full(4, np.nan, np.float32)
+        other = s.other_box[i]
         if self.aug is not None:
             rng = np.random.default_rng((self.seed, self.epoch, i))
             image, uv, xyz, vis, other = augment_crop(image, uv, xyz, vis, rng, self.aug, other)
