@@ -50,6 +50,7 @@ class Load:
     """What the clients of one run saw."""
 
     latencies_ms: list[float] = field(default_factory=list)
+    answered: int = 0  # responses read, warm-up included (the CPU time per request divides by it)
     errors: int = 0
     first_error: str = ""
 
@@ -70,8 +71,9 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
 
 
 @contextlib.contextmanager
-def server(bundle: Path, port: int, env: dict[str, str], log: Path) -> Iterator[str]:
-    """A ``uvicorn serving.app:app`` process on ``port``, ready (its /ready answered 200)."""
+def server(bundle: Path, port: int, env: dict[str, str], log: Path) -> Iterator[tuple[str, int]]:
+    """A ``uvicorn serving.app:app`` process on ``port``, ready (its /ready answered 200): (its base
+    URL, its pid)."""
     cmd = [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--no-access-log", "--log-level", "warning"]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("NTU_SERVE_")}
@@ -91,7 +93,7 @@ def server(bundle: Path, port: int, env: dict[str, str], log: Path) -> Iterator[
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the server was not ready within 120 s; see {log}") from None
                 time.sleep(0.2)
-        yield base
+        yield base, proc.pid
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -127,6 +129,7 @@ async def client(port: int, request: bytes, start: float, stop: float, load: Loa
             try:
                 writer.write(request)
                 status, body = await read_response(reader)
+                load.answered += 1
             except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration) as exc:
                 load.fail(f"{type(exc).__name__}: {exc}")
                 writer.close()
@@ -148,6 +151,17 @@ async def run_load(port: int, request: bytes, clients: int, warmup: float, secon
     start, stop = now + warmup, now + warmup + seconds
     await asyncio.gather(*(client(port, request, start, stop, load) for _ in range(clients)))
     return load
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) the process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def batch_stats(base: str) -> tuple[float, float]:
@@ -292,24 +306,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw ONNX Runtime call {call_ms:.2f} ms, + preprocessing {prep_ms:.2f} ms (medians, in-process)")
     print(
         f"{'batching':<9} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-        f"{'clips/call':>10} {'overhead':>8}"
+        f"{'clips/call':>10} {'overhead':>8} {'CPU ms/req: server':>18} {'client':>6}"
     )
     failed = False
     for mode in args.batching.split(","):
         port = free_port()
         batching = {"NTU_SERVE_MICRO_BATCHING": str(mode == "on").lower()}
-        with server(args.bundle, port, env | batching, args.log) as base:
+        with server(args.bundle, port, env | batching, args.log) as (base, pid):
             request = post_request(port, "/v1/predict", body, media_type)
             for clients in (int(c) for c in args.clients.split(",")):
                 before = batch_stats(base)
+                cpu_before = cpu_seconds(pid), own_cpu_seconds()
                 load = asyncio.run(run_load(port, request, clients, args.warmup, args.seconds))
+                cpu_after = cpu_seconds(pid), own_cpu_seconds()
                 after = batch_stats(base)
+                per_req = [
+                    (b - a) * 1000 / max(load.answered, 1) for a, b in zip(cpu_before, cpu_after, strict=True)
+                ]
                 per_call = (after[1] - before[1]) / max(after[0] - before[0], 1)
                 lat = load.latencies_ms
                 overhead = f"{pct(lat, 50) / call_ms - 1:+.0%}" if clients == 1 else ""
                 print(
                     f"{mode:<9} {clients:>7} {len(lat) / args.seconds:>7.1f} {pct(lat, 50):>7.1f} "
-                    f"{pct(lat, 99):>7.1f} {load.errors:>6} {per_call:>10.1f} {overhead:>8}",
+                    f"{pct(lat, 99):>7.1f} {load.errors:>6} {per_call:>10.1f} {overhead:>8} "
+                    f"{per_req[0]:>18.2f} {per_req[1]:>6.2f}",
                     flush=True,
                 )
                 if load.errors:
