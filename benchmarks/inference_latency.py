@@ -28,7 +28,8 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from models.ctrgcn import config_for
-    from models.two_stream import MultiStream, SoloStreams
+    from models.inference import InferenceMultiStream
+    from models.two_stream import MultiStream
     from stages import export, training
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = MultiStream({s: config_for(args.size, 120) for s in ("joint", "bone")}).eval()
         fp32, int8 = Path(tmp.name) / "m.onnx", Path(tmp.name) / "m.int8.onnx"
-        export.export_onnx(model, fp32)
+        export.export_onnx(InferenceMultiStream(model), fp32)  # as the export stage does
         calib = np.random.default_rng(0).normal(0, 0.3, size=(32, 3, 64, 25, 2)).astype(np.float32)
         export.quantize_int8(fp32, int8, calib)
         solo = Path(tmp.name) / "m.solo.onnx"
-        export.export_onnx(SoloStreams(model, args.frames), solo, frames=args.frames, persons=1)
+        export.export_onnx(InferenceMultiStream(model, args.frames), solo, frames=args.frames, persons=1)
     params = sum(p.numel() for p in model.parameters())
     x = np.zeros((1, 3, args.frames, 25, 2), dtype=np.float32)
     x[..., 0] = np.random.default_rng(1).normal(0, 0.3, size=(1, 3, args.frames, 25))

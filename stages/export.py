@@ -4,7 +4,9 @@ From ``evaluate``'s ``model.pt`` (the fused multi-stream model):
 
 1. **ONNX** (opset ``export.opset``, the dynamo exporter) taking normalised joints
    ``joints (N, 3, T, 25, 2)`` and returning fused class scores ``scores (N, K)``, with the bone and
-   motion streams and the fusion inside the graph; batch and T are dynamic. The graph is checked:
+   motion streams and the fusion inside the graph; batch and T are dynamic. What is exported is the
+   model rebuilt for inference (:class:`models.inference.InferenceMultiStream`: batch norms folded,
+   fewer and cheaper operators, the same function). The graph is checked:
    no ``Einsum`` node and no tensor above rank 4 except the input (ONNX shape inference).
 2. **Parity**: ONNX Runtime against PyTorch on the test split (centre clip): the largest score
    difference and the top-1 agreement, which must be 100% (the stage fails otherwise).
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from models.ctrgcn import CTRGCNConfig
+from models.inference import InferenceMultiStream
 from models.skeleton import MAX_PERSONS, NUM_JOINTS
 from models.two_stream import MultiStream, SoloStreams
 from stages import bundle
@@ -122,12 +125,13 @@ def export_onnx(
     model: torch.nn.Module, path: Path, opset: int = 18, frames: int = 64, persons: int = MAX_PERSONS
 ) -> None:
     """Export ``model`` (joints -> scores) to ``path``, one file: dynamic batch, and dynamic T unless
-    the model is a :class:`SoloStreams` (fixed to its ``frames``)."""
+    the model is a one-person graph (:class:`SoloStreams`, or an :class:`InferenceMultiStream` built
+    for one person: fixed to its ``frames``)."""
     model = model.eval().cpu()
     example = torch.zeros(2, 3, frames, NUM_JOINTS, persons)
     example[:, :, :, :, 0] = torch.randn(2, 3, frames, NUM_JOINTS, generator=torch.Generator().manual_seed(0))
     dims = {0: torch.export.Dim("batch", min=1, max=4096)}
-    if not isinstance(model, SoloStreams):
+    if not (isinstance(model, SoloStreams) or getattr(model, "solo", False)):
         dims[2] = torch.export.Dim("frames", min=MIN_FRAMES, max=4096)
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(
@@ -421,7 +425,7 @@ def run(
         work.mkdir()
         fp32 = work / "model.onnx"
         started = time.perf_counter()
-        export_onnx(model, fp32, params.opset, loader.window)
+        export_onnx(InferenceMultiStream(model), fp32, params.opset, loader.window)
         graph = report["onnx"] = {**graph_report(fp32), "bytes": fp32.stat().st_size}
         print(
             f"export: ONNX opset {params.opset} in {time.perf_counter() - started:.1f} s, "
@@ -527,10 +531,11 @@ def model_persons(model: MultiStream) -> int:
 def export_solo(
     model: MultiStream, path: Path, params: ExportParams, window: int, clips: np.ndarray
 ) -> tuple[dict, Callable]:
-    """Export the one-person graph (:class:`SoloStreams`, T fixed to ``window``) and check it on
+    """Export the one-person graph (:class:`SoloStreams`' function, built for inference by
+    :class:`InferenceMultiStream`, T fixed to ``window``) and check it on
     ``clips`` with their second person removed against the full PyTorch model; returns the report
     and a batch-1 ``run(person)``. Raises :class:`ExportError` when the two disagree."""
-    export_onnx(SoloStreams(model, window), path, params.opset, window, persons=1)
+    export_onnx(InferenceMultiStream(model, window), path, params.opset, window, persons=1)
     alone = clips.copy()
     alone[..., 1:] = 0
     ref = torch_scores(model, alone)
