@@ -951,3 +951,22 @@ def test_downloaded_artifacts_are_searched_and_verified(tiny_bundle, tmp_path):
     (nested / "labels.json").write_bytes(bytes(data))
     with pytest.raises(bundle.BundleError, match="checksum mismatch"):
         model_loader.load(settings_for(tmp_path / "nowhere", model_uri=str(tmp_path / "artifacts")))
+
+
+def test_a_prediction_makes_no_thread_pool_hand_off_besides_the_model(client, clip, monkeypatch):
+    """FastAPI runs a plain ``def`` dependency in its thread pool: each would cost every request a
+    thread hand-off there and back (measured in benchmarks/serve_load.py). The /v1 dependencies are
+    coroutines, so a prediction leaves the event loop only for its preparation and model call."""
+    import fastapi.dependencies.utils as dependency_utils
+
+    pooled = []
+    real = dependency_utils.run_in_threadpool
+
+    async def counting(func, *args, **kwargs):
+        pooled.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(dependency_utils, "run_in_threadpool", counting)
+    assert client.post("/v1/predict", json={"clip": clip}).status_code == 200
+    assert client.get("/v1/model").status_code == 200
+    assert pooled == []
