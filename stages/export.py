@@ -149,15 +149,19 @@ def export_onnx(
 
 def strip_trace_metadata(proto) -> None:
     """Drop the exporter's per-node trace notes (``pkg.torch.onnx.stack_trace``, ``fx_node``,
-    ``namespace``...) in place.
+    ``namespace``...) and its notes on the graph (``pkg.torch.export.ExportedProgram...``) in place.
 
-    They hold the absolute paths of the source files that were traced, so the same weights exported
-    from two checkouts gave different bytes (and a different content-hashed bundle version); they are
-    also 6-14% of the file. The graph and its weights are untouched (the graphs exported here have
-    no subgraphs: a node inside an If or Loop body would keep its notes, and the tests would see them).
+    The node notes hold the absolute paths of the source files that were traced, so the same weights
+    exported from two checkouts gave different bytes (and a different content-hashed bundle version);
+    they are also 6-14% of the file. The graph's notes print the exported program's signature and
+    its shape-range constraints as a dict whose order follows Python's string hashing, which changes
+    from process to process: two exports of the same weights differed in those bytes alone. The graph
+    and its weights are untouched (the graphs exported here have no subgraphs: a node inside an If or
+    Loop body would keep its notes, and the tests would see them).
     """
     for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
         del node.metadata_props[:]
+    del proto.graph.metadata_props[:]
 
 
 def save_onnx(proto, path: Path) -> None:

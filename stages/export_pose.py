@@ -21,9 +21,12 @@ normalise differently (and ONNX Runtime does it faster than a separate step).
 4. **Latency** (ONNX Runtime, ``threads`` threads): median batch-1 wall time of both graphs, and the
    per-frame cost of the video pipeline's models: one detection plus the keypoints of two crops in
    one call (four with the flip test), as frames per second (decoding and the geometry not counted).
+   They go to the summary (DVC metrics) only: the output directory holds what the same checkpoint
+   always exports, so a rerun that makes the same graphs leaves it unchanged and the stages that
+   depend on it are not rerun (a timing in ``pose.json`` changed it on every run).
 5. ``pose.json``: config, the crop and frame geometry of training (``crop_margin``, ``frame_width``:
    from the checkpoint when it records them, else the ``pose_data`` params), input and output specs,
-   parity, latencies and the sha256 of both graphs, which the server checks before loading them.
+   parity and the sha256 of both graphs, which the server checks before loading them.
 
     python -m stages.export_pose --checkpoint data/pose_model/last.pt --out-dir data/export_pose \\
         --summary data/reports/export_pose/metrics.json
@@ -405,12 +408,7 @@ def run(
             f"{pipe['frames_per_s']} frames/s ({pipe['flip_test_frames_per_s']} with the flip test), "
             f"{threads} thread(s)"
         )
-        meta = {
-            **describe(model, ckpt, geo, frame_size, paths),
-            "parity": checked,
-            **timing,
-            "threads": threads,
-        }
+        meta = {**describe(model, ckpt, geo, frame_size, paths), "parity": checked}  # no timings
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     summary = {
         "version": meta["version"],
