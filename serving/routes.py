@@ -34,7 +34,7 @@ from typing import Annotated, TypeVar
 import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Security
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -56,7 +56,6 @@ from .schemas import (
     ModelInfo,
     ModelRef,
     PoseRef,
-    Prediction,
     PredictRequest,
     PredictResponse,
     Ready,
@@ -124,17 +123,6 @@ def parse(schema: type[Body], body: bytes) -> Body:
         errors = exc.errors(include_input=False, include_url=False)
         code = "invalid_json" if errors[0]["type"] == "json_invalid" else "invalid_request"
         raise ApiError(422, code, describe_errors(errors)) from None
-
-
-def predicted(service: Service, prediction: Prediction) -> Response:
-    """The ``PredictResponse`` of ``prediction``, serialised by pydantic at once.
-
-    Returning a ``Response`` skips FastAPI's second pass over a returned model (a dump, a validation
-    against ``response_model`` and its own encoding); the route's ``response_model`` still documents
-    the body. ``prediction`` was validated when it was built.
-    """
-    body = PredictResponse.model_construct(**dict(prediction), model=service.ref)
-    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _json_schema(schema: type[BaseModel]) -> dict:
@@ -235,7 +223,7 @@ _PREDICT_BODY["requestBody"]["content"][NPY_MEDIA_TYPE] = {
 
 
 @v1.post("/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY)
-async def predict(request: Request, service: Service_) -> Response:
+async def predict(request: Request, service: Service_) -> PredictResponse:
     if _media_type(request) == NPY_MEDIA_TYPE:
         body = await request.body()
 
@@ -250,7 +238,7 @@ async def predict(request: Request, service: Service_) -> Response:
             return service.prepare_clip(parse(PredictRequest, body).clip if clip is None else clip)
 
     prediction = await service.predict_prepared(prepare)
-    return predicted(service, prediction)
+    return PredictResponse(model=service.ref, **prediction.model_dump())
 
 
 def _prepare_all(service: Service, clips: list) -> list:
@@ -282,7 +270,7 @@ async def predict_batch(request: Request, service: Service_) -> BatchResponse:
 
 
 @v1.post("/predict/file", response_model=PredictResponse, openapi_extra=_UPLOAD)
-async def predict_file(request: Request, service: Service_) -> Response:
+async def predict_file(request: Request, service: Service_) -> PredictResponse:
     if _media_type(request) != "multipart/form-data":
         raise ApiError(
             415, "unsupported_media_type", "upload the .skeleton file as multipart/form-data, field 'file'"
@@ -293,7 +281,7 @@ async def predict_file(request: Request, service: Service_) -> Response:
             raise ApiError(422, "missing_file", "no file in the multipart field 'file' (the .skeleton file)")
         data = await upload.read()
     prediction = await service.predict_prepared(lambda: service.prepare_file(data))  # RejectedInput -> 422
-    return predicted(service, prediction)
+    return PredictResponse(model=service.ref, **prediction.model_dump())
 
 
 def _flag(value) -> bool:
