@@ -55,7 +55,10 @@ def motion(x, lengths=None):
 
 def presence(x: np.ndarray) -> np.ndarray:
     """bool ``(N, T, M)``: whether person ``m`` has any non-zero joint in frame ``t``."""
-    return np.any(x != 0, axis=(1, 3))
+    n, c, t, v, m = x.shape
+    # one reduction over the last axis of a small copy: NumPy's reduction over the two separate
+    # axes (C, V) directly took 9x as long for a served clip
+    return (x != 0).transpose(0, 2, 4, 1, 3).reshape(n, t, m, c * v).any(axis=3)
 
 
 def centre(x: np.ndarray) -> np.ndarray:
@@ -68,12 +71,10 @@ def centre(x: np.ndarray) -> np.ndarray:
     first = np.argmax(present[:, :, 0], axis=1)  # N: first frame of actor 1
     n = np.arange(x.shape[0])
     origin = x[n, :, first, SPINE_MIDDLE, 0]  # N, C
-    origin = np.where(present[:, :, 0].any(axis=1)[:, None], origin, 0)
-    out = x.copy()
-    np.subtract(
-        out, origin[:, :, None, None, None].astype(x.dtype), out=out, where=present[:, None, :, None, :]
-    )
-    return out
+    origin = np.where(present[:, :, 0].any(axis=1)[:, None], origin, 0).astype(x.dtype)
+    # the difference everywhere, then the absent frames' values back (a masked in-place subtract
+    # gives the same values 3x slower)
+    return np.where(present[:, None, :, None, :], x - origin[:, :, None, None, None], x)
 
 
 def _frame_rotation(spine: np.ndarray, shoulders: np.ndarray) -> np.ndarray:

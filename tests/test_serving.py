@@ -970,3 +970,30 @@ def test_a_prediction_makes_no_thread_pool_hand_off_besides_the_model(client, cl
     assert client.post("/v1/predict", json={"clip": clip}).status_code == 200
     assert client.get("/v1/model").status_code == 200
     assert pooled == []
+
+
+def test_npy_clips_are_prepared_on_the_event_loop_and_json_clips_in_a_worker(client, clip, monkeypatch):
+    """A ``.npy`` clip's preparation (no parsing, bounded by the clip limits) runs on the event
+    loop, where it does not pass the GIL back and forth with it; a JSON clip, whose parsing grows
+    with the body, is read and prepared in a worker thread. Both get the same answer, and a bad
+    ``.npy`` clip still gets its 422."""
+    from serving.service import Service
+
+    seen = []
+    real = Service.prepare_clip
+
+    def recording(self, body):
+        try:
+            asyncio.get_running_loop()
+            seen.append("loop")
+        except RuntimeError:
+            seen.append("worker")
+        return real(self, body)
+
+    monkeypatch.setattr(Service, "prepare_clip", recording)
+    by_npy = client.post("/v1/predict", content=_npy(np.asarray(clip, np.float32)), headers=NPY)
+    by_json = client.post("/v1/predict", json={"clip": clip})
+    assert by_npy.status_code == by_json.status_code == 200
+    np.testing.assert_allclose(by_npy.json()["scores"], by_json.json()["scores"], atol=1e-4)
+    _is_error(client.post("/v1/predict", content=_npy(np.zeros((4, 25, 2))), headers=NPY), 422, "bad_shape")
+    assert seen == ["loop", "worker", "loop"]
