@@ -12,7 +12,9 @@ received).
 The baseline, measured in this run with the same threads and the server idle: the raw ONNX Runtime
 call on the clip as the service prepares it (the same ``serving.model.load`` and ``stages.preprocess``),
 so ``overhead`` = service p50 at 1 client / raw call - 1 is what HTTP, JSON, validation and
-preprocessing add.
+preprocessing add. The raw call is measured again after the runs; the machine's speed drifts
+(other work on the host), so ``vs server's call`` pairs each request with the model call the server
+timed for it (``inference_ms`` of its answer): the median of latency / call - 1, at 1 client.
 
 The clip is a raw ``.skeleton`` file of the default data (``--clip``, default: the first test-split
 file of ``data/raw/synthetic``), parsed by the pipeline's parser and posted as ``(M, T, 25, 3)`` JSON
@@ -50,6 +52,7 @@ class Load:
     """What the clients of one run saw."""
 
     latencies_ms: list[float] = field(default_factory=list)
+    model_ms: list[float] = field(default_factory=list)  # each answer's inference_ms (the server's call)
     answered: int = 0  # responses read, warm-up included (the CPU time per request divides by it)
     errors: int = 0
     first_error: str = ""
@@ -141,6 +144,7 @@ async def client(port: int, request: bytes, start: float, stop: float, load: Loa
                 load.fail(f"HTTP {status}: {body[:200]!r}")
             else:
                 load.latencies_ms.append((time.perf_counter() - sent) * 1000)
+                load.model_ms.append(json.loads(body)["inference_ms"])
     finally:
         writer.close()
 
@@ -228,10 +232,14 @@ def load_clip(path: Path) -> np.ndarray:
     return clip.astype(np.float64).round(4)  # millimetres: what a sensor sends
 
 
-def raw_ort_ms(bundle: Path, clip: np.ndarray, env: dict[str, str], runs: int) -> tuple[float, float, dict]:
+def raw_ort_ms(
+    bundle: Path, clip: np.ndarray, env: dict[str, str], runs: int, npy: bytes | None = None
+) -> tuple[float, float, dict]:
     """(median ms of one model call, median ms of preprocessing, the runtime) on the service's own
-    path, with the server's settings ``env``."""
+    path, with the server's settings ``env``; the preprocessing of the clip as the body sends it
+    (``npy``: those ``.npy`` bytes, else the JSON clip's lists)."""
     from serving.model import load
+    from serving.schemas import npy_clip
     from serving.settings import Settings
     from stages import export, preprocess
 
@@ -245,7 +253,10 @@ def raw_ort_ms(bundle: Path, clip: np.ndarray, env: dict[str, str], runs: int) -
 
         clips = prep(clip.tolist())
         call = statistics.median(export.call_times_ms(model.run, clips, runs, warmup=5))
-        preparing = statistics.median(export.call_times_ms(prep, clip.tolist(), runs, warmup=2))
+        sent = clip.tolist() if npy is None else npy
+        preparing = statistics.median(
+            export.call_times_ms(lambda c: prep(c if npy is None else npy_clip(c)), sent, runs, warmup=2)
+        )
     finally:
         model.cleanup.close()
     return call, preparing, {**model.runtime, "clips": len(clips)}
@@ -296,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "NTU_SERVE_THREADS": str(args.threads),
         "NTU_SERVE_SOLO": str(args.solo == "on").lower(),
     }
-    call_ms, prep_ms, runtime = raw_ort_ms(args.bundle, clip, env, runs=200)
+    npy = body if args.body == "npy" else None
+    call_ms, prep_ms, runtime = raw_ort_ms(args.bundle, clip, env, runs=200, npy=npy)
     print(
         f"clip {clip_path.name}: M={clip.shape[0]} T={clip.shape[1]}, {len(body) / 1024:.0f} KiB {kind}, "
         f"{runtime['clips']} model clip(s); {os.cpu_count()} cores; {runtime['kind']} on "
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw ONNX Runtime call {call_ms:.2f} ms, + preprocessing {prep_ms:.2f} ms (medians, in-process)")
     print(
         f"{'batching':<9} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-        f"{'clips/call':>10} {'overhead':>8} {'CPU ms/req: server':>18} {'client':>6}"
+        f"{'clips/call':>10} {'overhead':>8} {'vs server call':>14} {'CPU ms/req: server':>18} {'client':>6}"
     )
     failed = False
     for mode in args.batching.split(","):
@@ -325,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 per_call = (after[1] - before[1]) / max(after[0] - before[0], 1)
                 lat = load.latencies_ms
-                overhead = f"{pct(lat, 50) / call_ms - 1:+.0%}" if clients == 1 else ""
+                overhead = paired = ""
+                if clients == 1 and lat:
+                    overhead = f"{pct(lat, 50) / call_ms - 1:+.0%}"
+                    ratios = [a / b for a, b in zip(lat, load.model_ms, strict=True) if b > 0]
+                    paired = f"{pct(ratios, 50) - 1:+.0%} of {pct(load.model_ms, 50):.2f}"
                 print(
                     f"{mode:<9} {clients:>7} {len(lat) / args.seconds:>7.1f} {pct(lat, 50):>7.1f} "
-                    f"{pct(lat, 99):>7.1f} {load.errors:>6} {per_call:>10.1f} {overhead:>8} "
+                    f"{pct(lat, 99):>7.1f} {load.errors:>6} {per_call:>10.1f} {overhead:>8} {paired:>14} "
                     f"{per_req[0]:>18.2f} {per_req[1]:>6.2f}",
                     flush=True,
                 )
@@ -346,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{pct(client_ms, 50):.1f} ms p99 {pct(client_ms, 99):.1f} ms; errors {errors}"
                 )
                 failed |= errors > 0 or not server_ms
+    after_ms, _, _ = raw_ort_ms(args.bundle, clip, env, runs=200, npy=npy)
+    print(f"raw ONNX Runtime call after the runs {after_ms:.2f} ms (before: {call_ms:.2f} ms)")
     return 1 if failed else 0
 
 
