@@ -71,6 +71,11 @@ from .service import Service, key_matches
 
 Body = TypeVar("Body", bound=BaseModel)
 
+# A JSON clip body at most this long is read and prepared on the event loop (1.5 ms at this size on
+# a 2-core Xeon, about what the largest .npy clip takes), a longer one in a worker thread, so that a
+# big body does not hold the loop. See ``predict``.
+INLINE_JSON_BYTES = 128 * 1024
+
 API_KEY_HEADER = "X-API-Key"
 _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the server's NTU_SERVE_API_KEY")
 
@@ -115,8 +120,8 @@ async def json_bytes(request: Request, other: str = "") -> bytes:
 
 
 def parse(schema: type[Body], body: bytes) -> Body:
-    """``body`` as ``schema``; 422 with the reason unless it fits. Called in a worker thread with the
-    clip's preparation: validating a clip of thousands of numbers would otherwise hold the event loop."""
+    """``body`` as ``schema``; 422 with the reason unless it fits. Called with the clip's preparation,
+    in a worker thread unless the body is short (``INLINE_JSON_BYTES``)."""
     try:
         return schema.model_validate_json(body)
     except ValidationError as exc:
@@ -228,8 +233,9 @@ async def predict(request: Request, service: Service_) -> PredictResponse:
         body = await request.body()
         # Prepared on the event loop: no parsing, and bounded by the clip limits (0.12 ms for a
         # 84-frame clip, 1.2 ms for the largest, 2 x 1200 frames of float64). In a worker thread
-        # the same work cost the service 9-11% of its requests/s at 32 clients (GIL hand-offs with
-        # the event loop; benchmarks/serve_load.py). A bad body or clip: 422 (ClipError).
+        # the same work cost the service 9-11% of its requests/s at 32 clients: its many small
+        # NumPy calls pass the GIL back and forth with the event loop, busy under load
+        # (benchmarks/serve_load.py). A bad body or clip: 422 (ClipError).
         prediction = await service.predict_prepared(
             lambda: service.prepare_clip(npy_clip(body)), on_loop=True
         )
@@ -240,7 +246,9 @@ async def predict(request: Request, service: Service_) -> PredictResponse:
             clip = plain_clip(body)  # None: not plain numbers; pydantic reads it and says what is wrong
             return service.prepare_clip(parse(PredictRequest, body).clip if clip is None else clip)
 
-        prediction = await service.predict_prepared(prepare)  # parsing JSON: in a worker thread
+        # for the same reason a short body is parsed on the event loop (+18% requests/s at 32
+        # clients for a 56 KiB clip), a long one in a worker thread
+        prediction = await service.predict_prepared(prepare, on_loop=len(body) <= INLINE_JSON_BYTES)
     return PredictResponse(model=service.ref, **prediction.model_dump())
 
 

@@ -972,11 +972,12 @@ def test_a_prediction_makes_no_thread_pool_hand_off_besides_the_model(client, cl
     assert pooled == []
 
 
-def test_npy_clips_are_prepared_on_the_event_loop_and_json_clips_in_a_worker(client, clip, monkeypatch):
-    """A ``.npy`` clip's preparation (no parsing, bounded by the clip limits) runs on the event
-    loop, where it does not pass the GIL back and forth with it; a JSON clip, whose parsing grows
-    with the body, is read and prepared in a worker thread. Both get the same answer, and a bad
-    ``.npy`` clip still gets its 422."""
+def test_short_bodies_are_prepared_on_the_event_loop_and_long_json_in_a_worker(client, clip, monkeypatch):
+    """A ``.npy`` clip's preparation (no parsing, bounded by the clip limits) and a short JSON
+    body's run on the event loop, where they do not pass the GIL back and forth with it; a JSON
+    body longer than ``INLINE_JSON_BYTES``, whose parsing grows with it, is read and prepared in a
+    worker thread. All get the same answer, and a bad clip still gets its 422."""
+    from serving.routes import INLINE_JSON_BYTES
     from serving.service import Service
 
     seen = []
@@ -991,9 +992,16 @@ def test_npy_clips_are_prepared_on_the_event_loop_and_json_clips_in_a_worker(cli
         return real(self, body)
 
     monkeypatch.setattr(Service, "prepare_clip", recording)
+    short = json.dumps({"clip": clip}).encode()
+    long = short[:-1] + b" " * (INLINE_JSON_BYTES - len(short) + 1) + b"}"  # the same clip
+    assert len(short) <= INLINE_JSON_BYTES < len(long)
     by_npy = client.post("/v1/predict", content=_npy(np.asarray(clip, np.float32)), headers=NPY)
-    by_json = client.post("/v1/predict", json={"clip": clip})
-    assert by_npy.status_code == by_json.status_code == 200
-    np.testing.assert_allclose(by_npy.json()["scores"], by_json.json()["scores"], atol=1e-4)
+    answers = [
+        client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
+        for body in (short, long)
+    ]
+    assert [a.status_code for a in (by_npy, *answers)] == [200, 200, 200]
+    assert answers[0].json()["scores"] == answers[1].json()["scores"]
+    np.testing.assert_allclose(by_npy.json()["scores"], answers[0].json()["scores"], atol=1e-4)
     _is_error(client.post("/v1/predict", content=_npy(np.zeros((4, 25, 2))), headers=NPY), 422, "bad_shape")
-    assert seen == ["loop", "worker", "loop"]
+    assert seen == ["loop", "loop", "worker", "loop"]
