@@ -233,13 +233,13 @@ def load_clip(path: Path) -> np.ndarray:
 
 
 def raw_ort_ms(
-    bundle: Path, clip: np.ndarray, env: dict[str, str], runs: int, npy: bytes | None = None
+    bundle: Path, clip: np.ndarray, env: dict[str, str], runs: int, body: bytes, npy: bool
 ) -> tuple[float, float, dict]:
     """(median ms of one model call, median ms of preprocessing, the runtime) on the service's own
-    path, with the server's settings ``env``; the preprocessing of the clip as the body sends it
-    (``npy``: those ``.npy`` bytes, else the JSON clip's lists)."""
+    path, with the server's settings ``env``; the preprocessing starts from the request's ``body``
+    (``.npy`` bytes if ``npy``, else JSON), read as the service reads it."""
     from serving.model import load
-    from serving.schemas import npy_clip
+    from serving.schemas import npy_clip, plain_clip
     from serving.settings import Settings
     from stages import export, preprocess
 
@@ -253,10 +253,8 @@ def raw_ort_ms(
 
         clips = prep(clip.tolist())
         call = statistics.median(export.call_times_ms(model.run, clips, runs, warmup=5))
-        sent = clip.tolist() if npy is None else npy
-        preparing = statistics.median(
-            export.call_times_ms(lambda c: prep(c if npy is None else npy_clip(c)), sent, runs, warmup=2)
-        )
+        read = npy_clip if npy else plain_clip
+        preparing = statistics.median(export.call_times_ms(lambda b: prep(read(b)), body, runs, warmup=2))
     finally:
         model.cleanup.close()
     return call, preparing, {**model.runtime, "clips": len(clips)}
@@ -307,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "NTU_SERVE_THREADS": str(args.threads),
         "NTU_SERVE_SOLO": str(args.solo == "on").lower(),
     }
-    npy = body if args.body == "npy" else None
-    call_ms, prep_ms, runtime = raw_ort_ms(args.bundle, clip, env, runs=200, npy=npy)
+    npy = args.body == "npy"
+    call_ms, prep_ms, runtime = raw_ort_ms(args.bundle, clip, env, 200, body, npy)
     print(
         f"clip {clip_path.name}: M={clip.shape[0]} T={clip.shape[1]}, {len(body) / 1024:.0f} KiB {kind}, "
         f"{runtime['clips']} model clip(s); {os.cpu_count()} cores; {runtime['kind']} on "
@@ -362,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{pct(client_ms, 50):.1f} ms p99 {pct(client_ms, 99):.1f} ms; errors {errors}"
                 )
                 failed |= errors > 0 or not server_ms
-    after_ms, _, _ = raw_ort_ms(args.bundle, clip, env, runs=200, npy=npy)
+    after_ms, _, _ = raw_ort_ms(args.bundle, clip, env, 200, body, npy)
     print(f"raw ONNX Runtime call after the runs {after_ms:.2f} ms (before: {call_ms:.2f} ms)")
     return 1 if failed else 0
 
