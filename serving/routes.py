@@ -71,7 +71,7 @@ from .service import Service, key_matches
 
 Body = TypeVar("Body", bound=BaseModel)
 
-# A JSON clip body at most this long is read and prepared on the event loop (1.5 ms at this size on
+# A JSON clip body at most this long is read and prepared on the event loop (1.1 ms at this size on
 # a 2-core Xeon, about what the largest .npy clip takes), a longer one in a worker thread, so that a
 # big body does not hold the loop. See ``predict``.
 INLINE_JSON_BYTES = 128 * 1024
