@@ -3,11 +3,24 @@ exported from it, and the tiny DVC project built once by ``dvc repro``."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from stages import features as features_stage
-from stages import parse, synthesize
-from tests.dvc_project import BuiltProject, dvc, make_project
+# Under xdist each worker gets its share of the cores. The stages size torch's and ONNX Runtime's
+# thread counts (and their process pools) from os.cpu_count(), so two workers on 2 cores ran 4 torch
+# threads, spinning for each other's cores: two copies of test_a_few_samples_are_overfit at once
+# took 90 s each, 40 s with one thread each. (Subprocesses, e.g. the stages dvc repro starts, see
+# the real count; OMP_NUM_THREADS only sets torch's default there.)
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    _CORES_EACH = max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)
+    os.cpu_count = lambda: _CORES_EACH
+    os.environ.setdefault("OMP_NUM_THREADS", str(_CORES_EACH))
+
+from stages import features as features_stage  # noqa: E402 (after the thread share above)
+from stages import parse, synthesize  # noqa: E402 (after the thread share above)
+from tests.dvc_project import BuiltProject, dvc, make_project  # noqa: E402 (after the thread share above)
 
 # The modules that use the built tiny project (``built_project``: one ``dvc repro`` of the whole DAG, the
 # suite's longest setup). Under xdist (``-n 2`` in pyproject) they run in one worker, which builds it
