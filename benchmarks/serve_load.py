@@ -53,6 +53,7 @@ class Load:
 
     latencies_ms: list[float] = field(default_factory=list)
     model_ms: list[float] = field(default_factory=list)  # each answer's inference_ms (the server's call)
+    read_model_ms: bool = False  # parse the answers for model_ms (used at 1 client only: client CPU)
     answered: int = 0  # responses read, warm-up included (the CPU time per request divides by it)
     errors: int = 0
     first_error: str = ""
@@ -144,13 +145,14 @@ async def client(port: int, request: bytes, start: float, stop: float, load: Loa
                 load.fail(f"HTTP {status}: {body[:200]!r}")
             else:
                 load.latencies_ms.append((time.perf_counter() - sent) * 1000)
-                load.model_ms.append(json.loads(body)["inference_ms"])
+                if load.read_model_ms:
+                    load.model_ms.append(json.loads(body)["inference_ms"])
     finally:
         writer.close()
 
 
 async def run_load(port: int, request: bytes, clients: int, warmup: float, seconds: float) -> Load:
-    load = Load()
+    load = Load(read_model_ms=clients == 1)
     now = time.perf_counter()
     start, stop = now + warmup, now + warmup + seconds
     await asyncio.gather(*(client(port, request, start, stop, load) for _ in range(clients)))

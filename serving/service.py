@@ -210,8 +210,9 @@ class Service:
         worker thread when requests are not micro-batched.
 
         ``on_loop``: ``prepare()`` runs on the event loop instead, and only the model call goes to
-        a worker. For a preparation that is short and bounded (a ``.npy`` clip's) this is cheaper:
-        in a worker its many small NumPy calls pass the GIL back and forth with the event loop.
+        a worker. For a preparation that is short and bounded (a ``.npy`` clip's, a short JSON
+        body's) this is cheaper: in a worker its many small NumPy calls pass the GIL back and forth
+        with the event loop.
         """
         if self.predictor is None:
             raise ApiError(503, "not_ready", self.reason)
