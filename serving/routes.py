@@ -33,8 +33,9 @@ from typing import Annotated, TypeVar
 
 import anyio.to_thread
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, Request, Security
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -227,8 +228,20 @@ _PREDICT_BODY["requestBody"]["content"][NPY_MEDIA_TYPE] = {
 }
 
 
+def answer(service: Service, prediction: dict) -> Response:
+    """A ``PredictResponse`` as JSON, written directly from the prediction's plain data.
+
+    Building the pydantic models and letting FastAPI validate and serialise them again cost the
+    service about 0.1 ms per request (benchmarks/serve_load.py); the fields and their order are
+    those of :class:`~serving.schemas.PredictResponse` (tests check the answers against it).
+    """
+    meta = service.require().meta
+    body = {**prediction, "model": {"name": meta["name"], "version": meta["version"]}}
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
 @v1.post("/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY)
-async def predict(request: Request, service: Service_) -> PredictResponse:
+async def predict(request: Request, service: Service_) -> Response:
     if _media_type(request) == NPY_MEDIA_TYPE:
         body = await request.body()
         # Prepared on the event loop: no parsing, and bounded by the clip limits (0.12 ms for a
@@ -249,7 +262,7 @@ async def predict(request: Request, service: Service_) -> PredictResponse:
         # for the same reason a short body is parsed on the event loop (+18% requests/s at 32
         # clients for a 56 KiB clip), a long one in a worker thread
         prediction = await service.predict_prepared(prepare, on_loop=len(body) <= INLINE_JSON_BYTES)
-    return PredictResponse(model=service.ref, **prediction.model_dump())
+    return answer(service, prediction)
 
 
 def _prepare_all(service: Service, clips: list) -> list:
@@ -281,7 +294,7 @@ async def predict_batch(request: Request, service: Service_) -> BatchResponse:
 
 
 @v1.post("/predict/file", response_model=PredictResponse, openapi_extra=_UPLOAD)
-async def predict_file(request: Request, service: Service_) -> PredictResponse:
+async def predict_file(request: Request, service: Service_) -> Response:
     if _media_type(request) != "multipart/form-data":
         raise ApiError(
             415, "unsupported_media_type", "upload the .skeleton file as multipart/form-data, field 'file'"
@@ -292,7 +305,7 @@ async def predict_file(request: Request, service: Service_) -> PredictResponse:
             raise ApiError(422, "missing_file", "no file in the multipart field 'file' (the .skeleton file)")
         data = await upload.read()
     prediction = await service.predict_prepared(lambda: service.prepare_file(data))  # RejectedInput -> 422
-    return PredictResponse(model=service.ref, **prediction.model_dump())
+    return answer(service, prediction)
 
 
 def _flag(value) -> bool:

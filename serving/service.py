@@ -22,12 +22,12 @@ from stages import preprocess
 from stages.training import average_clips
 
 from . import model as model_loader
-from .batching import Batch, MicroBatcher, Predictor, Prepare
+from .batching import MicroBatcher, Predictor, Prepare
 from .errors import ApiError
 from .metrics import Metrics
 from .model import LoadedModel
 from .pose_runtime import PoseRuntime
-from .schemas import ClassScore, ModelRef, Prediction
+from .schemas import ModelRef, Prediction
 from .settings import Settings
 
 log = logging.getLogger("serving")
@@ -204,10 +204,10 @@ class Service:
             raise ApiError(503, "not_ready", self.reason)
         return await self.predict_with(self.predictor, prepared, frames, self.require().labels)
 
-    async def predict_prepared(self, prepare: Prepare, on_loop: bool = False) -> Prediction:
-        """The prediction for one sample: ``prepare()`` -> ``(clips, frames)`` (validation and
-        preprocessing, raising :class:`~stages.errors.RejectedInput`), then the model call, in one
-        worker thread when requests are not micro-batched.
+    async def predict_prepared(self, prepare: Prepare, on_loop: bool = False) -> dict:
+        """The prediction for one sample (:func:`score_summary`): ``prepare()`` -> ``(clips, frames)``
+        (validation and preprocessing, raising :class:`~stages.errors.RejectedInput`), then the model
+        call, in one worker thread when requests are not micro-batched.
 
         ``on_loop``: ``prepare()`` runs on the event loop instead, and only the model call goes to
         a worker. For a preparation that is short and bounded (a ``.npy`` clip's, a short JSON
@@ -221,12 +221,7 @@ class Service:
             scores, batch = await self.predictor.predict(clips)
         else:
             (_, frames), scores, batch = await self.predictor.predict_after(prepare)
-        return self.summarise(scores, frames, batch)
-
-    def summarise(self, scores: np.ndarray, frames: int, batch: Batch) -> Prediction:
-        """The clips' scores ``(K, classes)`` of one sample -> its prediction."""
-        labels = self.require().labels
-        return summarise_scores(scores, labels, self.settings.top_k, frames, batch.inference_ms)
+        return score_summary(scores, self.require().labels, self.settings.top_k, frames, batch.inference_ms)
 
     # -- the video path (POST /v1/predict/video) ---------------------------------------------------
 
@@ -236,22 +231,33 @@ class Service:
         return self.pose
 
 
-def summarise_scores(
+def score_summary(
     scores: np.ndarray, labels: list[dict], top_k: int, frames: int, inference_ms: float
-) -> Prediction:
-    """The scores ``(K, classes)`` of one sample's K clips -> its prediction: clip scores combined as
-    evaluate combines them, softmax, the ``top_k`` classes."""
+) -> dict:
+    """The scores ``(K, classes)`` of one sample's K clips -> its prediction as plain data, the fields
+    of :class:`~serving.schemas.Prediction`: clip scores combined as evaluate combines them, softmax,
+    the ``top_k`` classes. (The predict endpoints write it as JSON directly; see ``routes.answer``.)"""
     k = len(scores)
     fused = scores[0] if k == 1 else average_clips(torch.from_numpy(scores), k)[0].numpy()
     fused = fused.astype(np.float64)
     probs = np.exp(fused - fused.max())
     probs /= probs.sum()
     top = np.argsort(-probs, kind="stable")[:top_k]
-    return Prediction(
-        top=[ClassScore(**labels[i], probability=float(probs[i])) for i in top],
-        probabilities=probs.tolist(),
-        scores=fused.tolist(),
-        frames=frames,
-        clips=k,
-        inference_ms=round(inference_ms, 3),
-    )
+    return {
+        "top": [
+            {"index": labels[i]["index"], "id": labels[i]["id"], "name": labels[i]["name"], "probability": p}
+            for i, p in zip(top.tolist(), probs[top].tolist(), strict=True)
+        ],
+        "probabilities": probs.tolist(),
+        "scores": fused.tolist(),
+        "frames": frames,
+        "clips": k,
+        "inference_ms": round(inference_ms, 3),
+    }
+
+
+def summarise_scores(
+    scores: np.ndarray, labels: list[dict], top_k: int, frames: int, inference_ms: float
+) -> Prediction:
+    """:func:`score_summary` as a validated :class:`~serving.schemas.Prediction`."""
+    return Prediction.model_validate(score_summary(scores, labels, top_k, frames, inference_ms))

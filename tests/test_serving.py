@@ -22,7 +22,7 @@ from serving import model as model_loader
 from serving.__main__ import main as serve_main
 from serving.app import create_app
 from serving.batching import MicroBatcher, Predictor
-from serving.schemas import PredictRequest, plain_clip
+from serving.schemas import _NPY_HEADERS, PredictRequest, PredictResponse, npy_header, plain_clip
 from serving.settings import Settings
 from stages import bundle, preprocess
 from stages.dataset import LoaderParams, SkeletonDataset
@@ -287,6 +287,68 @@ def test_predict_takes_the_clip_as_npy_bytes_with_the_json_scores(client, files)
         else:
             np.testing.assert_allclose(got["scores"], want["scores"], atol=atol)
             assert got["frames"] == want["frames"] == joints.shape[1]
+
+
+def test_predict_answers_are_predict_responses(client, files):
+    """The predict endpoints write their JSON directly (serving.routes.answer): every field of
+    PredictResponse, in its order, nothing else, valid against it."""
+    clip = np.asarray(as_clip(files[TWO][1], 2))
+    answers = [
+        client.post("/v1/predict", json={"clip": clip.tolist()}),
+        client.post("/v1/predict", content=_npy(clip), headers=NPY),
+        client.post("/v1/predict/file", files={"file": ("x.skeleton", files[TWO][0])}),
+    ]
+    for response in answers:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+        body = response.json()
+        assert list(body) == list(PredictResponse.model_fields)
+        assert PredictResponse.model_validate(body).model_dump(mode="json") == body
+        info = client.get("/v1/model").json()
+        assert body["model"] == {"name": info["name"], "version": info["version"]}
+
+
+def _numpy_header(body: bytes) -> tuple:
+    stream = io.BytesIO(body)
+    version = np.lib.format.read_magic(stream)
+    return (*_NPY_HEADERS[version](stream), stream.tell())
+
+
+def test_npy_header_reads_what_numpy_reads(monkeypatch):
+    """The pattern for np.save's headers gives numpy's (shape, order, dtype, offset), and numpy's
+    reader is left only the headers np.save would not write."""
+    rng = np.random.default_rng(0)
+    saved = []
+    for dtype in ("<f4", ">f4", "<f8", ">f8", "<f2", "|u1", "|i1", "<i2", ">i4", "<u8", "<i8"):
+        for shape in ((), (0,), (5,), (1, 84, 25, 3), (84, 25, 3), (3, 0, 2), (1200, 25, 3), (10,) * 5):
+            array = np.asarray(rng.normal(size=shape) * 10, dtype=dtype)
+            for a in (array, np.asfortranarray(array)):
+                for version in ((1, 0), (2, 0)):
+                    buf = io.BytesIO()
+                    np.lib.format.write_array(buf, a, version=version)
+                    saved.append(buf.getvalue())
+    want = [_numpy_header(b) for b in saved]
+    for name in ("read_array_header_1_0", "read_array_header_2_0", "read_magic"):
+        monkeypatch.setattr(
+            np.lib.format, name, lambda *a, **k: pytest.fail("np.save's header sent to numpy")
+        )
+    assert [npy_header(b) for b in saved] == want
+    monkeypatch.undo()
+    good = _npy(np.zeros((4, 25, 3), np.float32))
+    start, end = good.index(b"{"), good.index(b"\n")
+    others = [  # headers numpy reads that np.save does not write
+        b"{'shape': (4, 25, 3), 'fortran_order': False, 'descr': '<f4'}",
+        b"{'descr': '<f4', 'fortran_order': False, 'shape': (4,25,3)}",
+        b'{"descr": "<f4", "fortran_order": False, "shape": (4, 25, 3), }',
+    ]
+    others = [good[:start] + h.ljust(end - start) + good[end:] for h in others]
+    for body in others:
+        assert (
+            npy_header(body) == _numpy_header(body) == ((4, 25, 3), False, np.dtype("<f4"), len(good) - 1200)
+        )
+    for body in (b"", b"\x93NUMPY", good[:12], good.replace(b"'shape': (4, 25, 3)", b"'shape': (04, 25, 3)")):
+        with pytest.raises(ValueError):
+            npy_header(body)
 
 
 def _forged(shape: str) -> bytes:
