@@ -231,9 +231,11 @@ _PREDICT_BODY["requestBody"]["content"][NPY_MEDIA_TYPE] = {
 def answer(service: Service, prediction: dict) -> Response:
     """A ``PredictResponse`` as JSON, written directly from the prediction's plain data.
 
-    Building the pydantic models and letting FastAPI validate and serialise them again cost the
-    service about 0.1 ms per request (benchmarks/serve_load.py); the fields and their order are
-    those of :class:`~serving.schemas.PredictResponse` (tests check the answers against it).
+    Building the pydantic models and letting FastAPI validate and serialise them again was
+    measurable at one client: with the faster ``.npy`` header (``schemas.npy_header``) this took the
+    latency from +45-47% to +39-40% over the model call (benchmarks/serve_load.py, A/B). The fields
+    and their order are those of :class:`~serving.schemas.PredictResponse` (tests check the answers
+    against it).
     """
     meta = service.require().meta
     body = {**prediction, "model": {"name": meta["name"], "version": meta["version"]}}
