@@ -137,7 +137,7 @@ _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.form
 # read with this pattern it costs 3 us, with numpy's reader (ast.literal_eval) 30 us. Anything else
 # is left to numpy's reader; either way the same (shape, fortran order, dtype) come out (tests).
 _NPY_SAVED_HEADER = re.compile(
-    rb"\{'descr': '([<>|=]?[fiu][1248])', 'fortran_order': (False|True), "
+    rb"\{'descr': '([<>|=]?(?:f[248]|[iu][1248]))', 'fortran_order': (False|True), "
     rb"'shape': \((|(?:0|[1-9][0-9]*),|(?:0|[1-9][0-9]*)(?:, (?:0|[1-9][0-9]*))+)\), \} *\n"
 )
 

@@ -346,7 +346,14 @@ def test_npy_header_reads_what_numpy_reads(monkeypatch):
         assert (
             npy_header(body) == _numpy_header(body) == ((4, 25, 3), False, np.dtype("<f4"), len(good) - 1200)
         )
-    for body in (b"", b"\x93NUMPY", good[:12], good.replace(b"'shape': (4, 25, 3)", b"'shape': (04, 25, 3)")):
+    bad = [
+        b"",
+        b"\x93NUMPY",
+        good[:12],
+        good.replace(b"(4, 25, 3)", b"(04, 25, 3)"),
+        good.replace(b"<f4", b"<f1"),
+    ]
+    for body in bad:
         with pytest.raises(ValueError):
             npy_header(body)
 
@@ -367,6 +374,7 @@ BAD_NPY = [
     ("truncated", _npy(np.zeros((4, 25, 3)))[:-8], "bad_npy", "float64 (2400 bytes) but 2392 follow"),
     ("trailing bytes", _npy(np.zeros((4, 25, 3))) + b"\0", "bad_npy", "but 2401 follow"),
     ("forged header", _forged("(9999999999, 25, 3)"), "bad_npy", "(9999999999, 25, 3) of float64"),
+    ("no such dtype", _npy(np.zeros((4, 25, 3))).replace(b"<f8", b"<f1"), "bad_npy", "not a .npy array"),
     ("strings", _npy(np.array([["a"]])), "bad_npy", "dtype is <u1"),
     ("complex", _npy(np.zeros((4, 25, 3), complex)), "bad_npy", "dtype is complex128"),
     ("record", _npy(np.zeros(4, [("x", "f4")])), "bad_npy", "dtype is [('x', '<f4')]"),
