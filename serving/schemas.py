@@ -158,7 +158,12 @@ def npy_header(body: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     version = np.lib.format.read_magic(stream)
     if version not in _NPY_HEADERS:
         raise ValueError(f".npy format version {version[0]}.{version[1]}; 1.0 or 2.0 needed")
-    shape, fortran, dtype = _NPY_HEADERS[version](stream)
+    try:
+        shape, fortran, dtype = _NPY_HEADERS[version](stream)
+    except ValueError:
+        raise
+    except Exception as exc:  # numpy parses the header with ast.literal_eval and tokenize: SyntaxError, ...
+        raise ValueError(f"its header is not a Python literal: {type(exc).__name__}: {exc}") from None
     return shape, fortran, dtype, stream.tell()
 
 

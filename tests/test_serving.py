@@ -22,7 +22,7 @@ from serving import model as model_loader
 from serving.__main__ import main as serve_main
 from serving.app import create_app
 from serving.batching import MicroBatcher, Predictor
-from serving.schemas import _NPY_HEADERS, PredictRequest, PredictResponse, npy_header, plain_clip
+from serving.schemas import _NPY_HEADERS, PredictRequest, PredictResponse, npy_clip, npy_header, plain_clip
 from serving.settings import Settings
 from stages import bundle, preprocess
 from stages.dataset import LoaderParams, SkeletonDataset
@@ -375,6 +375,7 @@ BAD_NPY = [
     ("trailing bytes", _npy(np.zeros((4, 25, 3))) + b"\0", "bad_npy", "but 2401 follow"),
     ("forged header", _forged("(9999999999, 25, 3)"), "bad_npy", "(9999999999, 25, 3) of float64"),
     ("no such dtype", _npy(np.zeros((4, 25, 3))).replace(b"<f8", b"<f1"), "bad_npy", "not a .npy array"),
+    ("unparsable header", _forged("(4, 25, 3 "), "bad_npy", "TokenError"),
     ("strings", _npy(np.array([["a"]])), "bad_npy", "dtype is <u1"),
     ("complex", _npy(np.zeros((4, 25, 3), complex)), "bad_npy", "dtype is complex128"),
     ("record", _npy(np.zeros(4, [("x", "f4")])), "bad_npy", "dtype is [('x', '<f4')]"),
@@ -391,6 +392,44 @@ def test_bad_npy_bodies_get_422_with_the_reason(client, body, code, words):
         np.savez(buf, clip=np.zeros((4, 25, 3)))
         body = buf.getvalue()
     _is_error(client.post("/v1/predict", content=body, headers=NPY), 422, code, words)
+
+
+DESCRS = [  # what a header may name: dtypes numpy has and does not have, taken and refused
+    "<f4", ">f8", "|f8", "=f2", "<f1", "<f16", "<f3", "|i1", "<i8", "<i16", "|u1", "<u2", "|b1",
+    "<c8", "<U5", "|S3", "|V4", "|O", "<M8[s]", "<m8", "f4", "x4", "", "<", "<f4 ",
+]  # fmt: skip
+SHAPES = [
+    "(4, 25, 3)", "(1, 4, 25, 3)", "()", "(0,)", "(4,)", "(-1, 25, 3)", "(4, 25, 3,)", "(4,25,3)",
+    "(99999999999999999999, 25, 3)", "(4.0, 25, 3)", "[4, 25, 3]", "(4, 25, 3", "('a',)", "(True, 25, 3)",
+]  # fmt: skip
+
+
+def test_no_npy_header_raises_anything_but_the_clip_error():
+    """Headers np.save would write with any dtype name and shape, then byte flips in them: each body
+    gives an array or a ClipError (422), never another exception (a 500)."""
+    rng = np.random.default_rng(7)
+    bodies = []
+    for descr in DESCRS:
+        for shape in SHAPES:
+            for fortran in ("False", "True", "0"):
+                head = f"{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}"
+                head = head.encode().ljust(118) + b"\n"
+                bodies.append(b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head + bytes(2400))
+    good = _npy(np.zeros((4, 25, 3)))
+    for _ in range(3000):
+        body = bytearray(good)
+        for i in rng.integers(0, 128, rng.integers(1, 4)):
+            body[i] = rng.integers(0, 256)
+        bodies.append(bytes(body))
+    outcomes = {"array": 0, "refused": 0}
+    for body in bodies:
+        try:
+            npy_clip(body)
+            outcomes["array"] += 1
+        except preprocess.ClipError as exc:
+            assert exc.code == "bad_npy"
+            outcomes["refused"] += 1
+    assert outcomes["array"] > 20 and outcomes["refused"] > 1000, outcomes
 
 
 def test_a_pickled_npy_is_refused_unread(client, monkeypatch):
