@@ -134,20 +134,21 @@ _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.form
 
 
 # The header np.save writes (numpy's format module: a dict literal, then spaces and a newline):
-# read with this pattern it costs 3 us, with numpy's reader (ast.literal_eval) 30 us. Anything else
+# read with this pattern it costs 2 us, with numpy's reader (ast.literal_eval) 17 us (npy_clip as a
+# whole: 3 against 32 us; an in-process timing on a Zen 5 EPYC, hot). Anything else
 # is left to numpy's reader; either way the same (shape, fortran order, dtype) come out (tests).
+_DIM = rb"(?:0|[1-9][0-9]*)"  # a Python int literal as np.save writes it (no sign, no leading zero)
 _NPY_SAVED_HEADER = re.compile(
     rb"\{'descr': '([<>|=]?(?:f[248]|[iu][1248]))', 'fortran_order': (False|True), "
-    rb"'shape': \((|(?:0|[1-9][0-9]*),|(?:0|[1-9][0-9]*)(?:, (?:0|[1-9][0-9]*))+)\), \} *\n"
+    rb"'shape': \((|" + _DIM + rb",|" + _DIM + rb"(?:, " + _DIM + rb")+)\), \} *\n"
 )
 
 
 def npy_header(body: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """The header of ``.npy`` bytes: (shape, Fortran order, dtype, offset of the data); raises
     ``ValueError`` with what is wrong (numpy's reader's message, for a header np.save would not write)."""
-    version = body[6:8]
-    if body[:6] == b"\x93NUMPY" and version in (b"\x01\x00", b"\x02\x00"):
-        start = 10 if version == b"\x01\x00" else 12
+    if body[:6] == b"\x93NUMPY" and body[6:8] in (b"\x01\x00", b"\x02\x00"):
+        start = 10 if body[6] == 1 else 12  # after the header length: 2 bytes in 1.0, 4 in 2.0
         end = start + int.from_bytes(body[8:start], "little")
         saved = _NPY_SAVED_HEADER.fullmatch(body, start, end) if end <= len(body) else None
         if saved is not None:
