@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from models.pose import EXPORT_OUTPUTS, PoseEstimator, normalise_images
+from models.skeleton import FLIP_INDEX
 from serving.pose_runtime import PoseRuntime, PoseRuntimeError
 from stages import export_pose, training
 from stages.bundle import sha256_file
@@ -89,6 +90,20 @@ def test_a_rerun_exports_the_same_bytes(exported, tmp_path):
         assert (again / name).read_bytes() == (exported.dir / name).read_bytes(), name
 
 
+def _flip_test_joints3d(model, crops: np.ndarray, other: np.ndarray | None) -> np.ndarray:
+    """PyTorch's flip-test 3D joints, written out here (not the runtime's code): the mean of the
+    crops' 3D reading and the mirrored crops' (mirrored boxes) with X negated and left/right swapped."""
+    width = crops.shape[2]
+    boxes = np.full((len(crops), 4), np.nan, np.float32) if other is None else other
+    mirrored_boxes = np.stack([width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], 1)
+    with torch.no_grad():
+        plain = model(normalise_images(crops), torch.from_numpy(boxes)).joints3d.numpy()
+        mirror = model(
+            normalise_images(np.ascontiguousarray(crops[:, :, ::-1])), torch.from_numpy(mirrored_boxes)
+        ).joints3d.numpy()
+    return (plain + mirror[:, list(FLIP_INDEX)] * np.array([-1.0, 1.0, 1.0], np.float32)) / 2
+
+
 def test_graphs_match_pytorch_at_new_sizes_and_the_reference_predictions(exported, runtime):
     model = exported.model
     rng = np.random.default_rng(3)
@@ -108,6 +123,8 @@ def test_graphs_match_pytorch_at_new_sizes_and_the_reference_predictions(exporte
             np.testing.assert_allclose(confidence, ref_conf, atol=1e-4)
             if not flip:  # the flip test reads averaged location maps in PyTorch, averages 3D readings here
                 np.testing.assert_allclose(joints3d, ref3d, atol=1e-4)
+            else:  # so check it against PyTorch's readings of the crops and of their mirrors, averaged
+                np.testing.assert_allclose(joints3d, _flip_test_joints3d(model, crops, boxes), atol=1e-4)
     assert coords.std() > 1.0 and joints3d.std() > 1e-3  # the outputs vary: the checks are not vacuous
     # the boxes reach the graph: a crop with someone beside it gets other keypoints than alone
     with_box = runtime.keypoints(crops, other=other)[0]

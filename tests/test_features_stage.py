@@ -11,7 +11,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from models import features
+from models import features, sampling
 from stages import features as features_stage
 from stages import parse
 from stages.dataset import LoaderParams, ShardBatchSampler, SkeletonDataset, make_loader
@@ -125,9 +125,20 @@ def test_bones_are_derived_when_the_store_has_only_joints(feature_dir, tmp_path,
 
 
 def test_uniform_multi_clip_testing(feature_dir):
+    """Three clips of pyskl's fixed test draws (``uniform_indices`` without an rng), each the stored
+    frames at its indices: not three copies of one clip."""
     test = dataset(feature_dir, False, sampling="uniform", test_clips=3)
-    x, _ = test[0]
-    assert x.shape == (3, 3, 32, 25, 2)
+    assert (test.lengths >= 32).sum() >= 3  # samples whose three draws must differ
+    for i in range(len(test)):
+        x, _ = test[i]
+        raw, length = test.raw(i), int(test.lengths[i])
+        assert x.shape == (3, 3, 32, 25, 2) and raw.shape[1] == length
+        for clip, indices in zip(x.numpy(), sampling.uniform_indices(length, 32, 3), strict=True):
+            assert indices.max() < length and np.array_equal(clip, raw[:, indices])
+        if length >= 32:  # the draws differ, so do the clips
+            assert not np.array_equal(x[0].numpy(), x[1].numpy()) and not np.array_equal(
+                x[1].numpy(), x[2].numpy()
+            )
 
 
 def test_batch_contents_do_not_depend_on_the_worker_count(feature_dir):

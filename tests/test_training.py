@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +66,7 @@ def test_ema_warms_up_and_copies_batchnorm_statistics():
     assert int(restored.updates) == 1
 
 
-def test_checkpoints_are_atomic_and_load_weights_only(tmp_path):
+def test_checkpoints_are_atomic_and_load_weights_only(tmp_path, monkeypatch):
     path = tmp_path / "ck" / "last.pt"
     payload = {
         "model": {"w": torch.ones(2)},
@@ -75,6 +78,21 @@ def test_checkpoints_are_atomic_and_load_weights_only(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
     loaded = training.load_checkpoint(path)
     assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], torch.ones(2))
+    before = path.read_bytes()
+
+    def dies_half_way(obj, f):  # a run killed while it writes: half a file, then the end
+        Path(f).write_bytes(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            training.save_checkpoint(path, {**payload, "epoch": 4})
+    assert path.read_bytes() == before  # the last complete checkpoint is still there, whole
+    # weights only: a checkpoint that would run code when unpickled is refused, not loaded
+    torch.save({"model": {}, "hook": functools.partial(print, "ran")}, path)
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        training.load_checkpoint(path)
 
 
 def test_rng_state_round_trips():
