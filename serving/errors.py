@@ -4,6 +4,8 @@
 - :class:`~stages.errors.RejectedInput` from the pipeline's input path (a bad clip, a malformed
   ``.skeleton`` file) -> 422 with its code and message;
 - FastAPI's validation errors -> 422 ``invalid_request`` with a one-line description;
+- a client that hangs up before its body is in (Starlette's ``ClientDisconnect``) -> 400
+  ``client_disconnected``, which nobody reads, but the log and the metrics do not call it a 500;
 - anything else -> 500 ``internal`` (a bug; the traceback goes to the log, not the client).
 """
 
@@ -13,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from stages.errors import RejectedInput
 
@@ -57,6 +60,12 @@ async def _rejected(request: Request, exc: RejectedInput) -> JSONResponse:
     return error_response(422, exc.code, exc.message)
 
 
+async def _disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    return error_response(
+        400, "client_disconnected", "the client closed the connection before its request body was complete"
+    )
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     # Starlette re-raises the exception after this response, so the server logs the traceback.
     return error_response(500, "internal", f"internal error ({type(exc).__name__}); see the server log")
@@ -67,4 +76,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RejectedInput, _rejected)
+    app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(Exception, _internal)

@@ -991,6 +991,73 @@ def test_framework_errors_keep_the_error_shape(tiny_bundle):
     _is_error(c.get("/probe?n=1"), 500, "internal", "internal error (RuntimeError)")
 
 
+_JSON_CLIP = b'{"clip": [[[0.1, 0.2, 0.3]' + b", [0.1, 0.2, 0.3]" * 24 + b"]]}"
+_FORM_FILE = (
+    b'--b0\r\nContent-Disposition: form-data; name="file"; filename="x.skeleton"\r\n\r\n'
+    + b"1\r\n0\r\n" * 40
+    + b"\r\n--b0--\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        ("/v1/predict", b"application/json", _JSON_CLIP),
+        ("/v1/predict/file", b"multipart/form-data; boundary=b0", _FORM_FILE),
+    ],
+)
+def test_a_client_that_hangs_up_mid_body_is_no_server_error(tiny_bundle, path, content_type, body):
+    """Starlette raises ``ClientDisconnect`` where the endpoint reads the body: a 400 nobody reads, not
+    a 500 with a traceback in the log and the metrics (the video fuzz found it on every aborted upload)."""
+    app = create_app(settings_for(tiny_bundle.bundle_dir))
+
+    async def call(messages: list[dict]) -> tuple[int, dict]:
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 1),
+            "server": ("testserver", 80),
+        }
+        await app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        return status, json.loads(
+            b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        )
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            half = [{"type": "http.request", "body": body[: len(body) // 2], "more_body": True}]
+            cut = await call([*half, {"type": "http.disconnect"}])
+            gone = await call([{"type": "http.disconnect"}])
+            whole = await call([{"type": "http.request", "body": body, "more_body": False}])
+            return cut, gone, whole
+
+    cut, gone, whole = asyncio.run(scenario())
+    assert cut == gone == (400, {"detail": "the client closed the connection before its request body was "
+                                 "complete", "code": "client_disconnected"})  # fmt: skip
+    assert whole[0] in (200, 422)  # the same request, whole, is answered (the /file body is a bad file)
+    with TestClient(app) as c:
+        text = c.get("/metrics").text
+    assert metric_value(text, "ntu_serve_requests_total", route=path, method="POST", status="500") == 0.0
+
+
 def test_one_person_clips_take_the_one_person_graph_with_the_same_scores(tiny_bundle):
     on = model_loader.load(settings_for(tiny_bundle.bundle_dir))
     off = model_loader.load(settings_for(tiny_bundle.bundle_dir, solo=False))
