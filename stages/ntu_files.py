@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-NAME_PATTERN = re.compile(r"^S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})$")
+# ASCII digits only, the whole name (``\d`` takes any Unicode digit, ``$`` a trailing newline)
+NAME_PATTERN = re.compile(r"S([0-9]{3})C([0-9]{3})P([0-9]{3})R([0-9]{3})A([0-9]{3})")
 
 NTU60_XSUB_TRAIN_SUBJECTS = frozenset(
     (1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38)
@@ -54,7 +55,7 @@ def parse_name(stem: str) -> SampleName:
 
     Raises ``ValueError`` saying what is wrong when the name does not follow the NTU pattern.
     """
-    match = NAME_PATTERN.match(stem)
+    match = NAME_PATTERN.fullmatch(stem)
     if match is None:
         raise ValueError(f"name {stem!r} does not match the NTU pattern SsssCcccPpppRrrrAaaa")
     setup, camera, performer, replication, action = (int(g) for g in match.groups())
@@ -104,7 +105,7 @@ def missing_samples(dataset: str) -> frozenset[str]:
     if dataset not in files:
         raise ValueError(f"no missing-sample list for {dataset!r}; valid: {', '.join(files)}")
     lines = _resource_text(files[dataset]).splitlines()
-    return frozenset(line.strip() for line in lines if NAME_PATTERN.match(line.strip()))
+    return frozenset(line.strip() for line in lines if NAME_PATTERN.fullmatch(line.strip()))
 
 
 @cache

@@ -344,9 +344,10 @@ def _collect(results, writer: _ShardWriter, table_path: Path, total: int) -> _Ta
     with pq.ParquetWriter(table_path, SCHEMA) as table:
         for row, joints, colors in tqdm(results, total=total, desc="parse", unit="file", mininterval=1.0):
             tally.bytes += row.get("file_bytes") or 0
-            if row["name"] in seen and row["status"] != "rejected":
-                row, joints, colors = _reject(row, "rejected", "duplicate", "another file has this name")
-            seen.add(row["name"])
+            if row["status"] != "rejected":  # a rejected copy (truncated, say) leaves the name to a good one
+                if row["name"] in seen:
+                    row, joints, colors = _reject(row, "rejected", "duplicate", "another file has this name")
+                seen.add(row["name"])
             if joints is not None:
                 row["index"] = writer.add(row["label"], joints, colors)
             tally.statuses[row["status"]] += 1

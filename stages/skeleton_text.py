@@ -11,7 +11,7 @@ Format (whitespace-separated, one record per line, CRLF in the original files)::
 
 :func:`parse_skeleton` uses the compiled parser (``stages/_skeleton_parser.c``) when it is built and
 this module's pure-Python twin otherwise; both give the same arrays and the same error codes and
-messages (a test holds them to it).
+messages (a test holds them to it). A leading UTF-8 byte-order mark is skipped.
 """
 
 from __future__ import annotations
@@ -75,8 +75,14 @@ def _cut_mid_line(error: SkeletonFormatError, data: bytes) -> SkeletonFormatErro
     return error
 
 
+def _without_bom(data: bytes) -> bytes:
+    """The file's text without a leading UTF-8 byte-order mark (editors on Windows add one on save)."""
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+
+
 def parse_skeleton(data: bytes) -> RawSkeleton:
     """Parse the bytes of a ``.skeleton`` file; raise :class:`SkeletonFormatError` if malformed."""
+    data = _without_bom(data)
     if _native is None:
         return parse_skeleton_python(data)
     result = _native.parse(data)
@@ -180,6 +186,7 @@ def _truncated(message: str) -> SkeletonFormatError:
 
 def parse_skeleton_python(data: bytes) -> RawSkeleton:
     """Pure-Python version of :func:`parse_skeleton` (about 50x slower; same results)."""
+    data = _without_bom(data)
     try:
         return _parse_python(data)
     except SkeletonFormatError as exc:

@@ -22,6 +22,8 @@ def test_parse_name_fields():
         ("S001C001P003R003A013", "replication 3"),
         ("S001C001P003R001A121", "action 121"),
         ("S000C001P003R001A001", "start at 1"),
+        ("S001C002P003R002A013\n", "does not match"),  # a name ends at its last digit
+        ("S\u0661\u0660\u0661C002P003R002A013", "does not match"),  # Arabic-Indic digits: not a setup
     ],
 )
 def test_bad_names_say_what_is_wrong(stem, phrase):

@@ -169,6 +169,26 @@ def test_longer_samples_grow_the_store(tmp_path):
     )
 
 
+@pytest.mark.parametrize("copies", ["broken, good", "good, broken", "good, good"])
+def test_a_name_goes_to_its_first_good_copy(tmp_path, copies):
+    """Two files of one name (in a/ and b/, read in that order): a broken copy does not take the name
+    from a good one, whichever comes first, and a second good copy is the duplicate."""
+    data = {"good": person_file(30, 1), "broken": person_file(30, 1)[:2000]}
+    for folder, kind in zip("ab", copies.split(", "), strict=True):
+        (tmp_path / "raw" / folder).mkdir(parents=True)
+        (tmp_path / "raw" / folder / "S001C001P001R001A001.skeleton").write_bytes(data[kind])
+    params = dataclasses.replace(PARAMS, dataset="synthetic", classes="all")
+    summary = parse.run(params, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    rows = pq.read_table(tmp_path / "out" / "samples.parquet").to_pylist()
+    got = {r["file"].split("/")[0]: (r["status"], r["reason_code"]) for r in rows}
+    reasons = {"good": ("accepted", None), "broken": ("rejected", "truncated")}
+    expected = {folder: reasons[kind] for folder, kind in zip("ab", copies.split(", "), strict=True)}
+    if copies == "good, good":
+        expected["b"] = ("rejected", "duplicate")
+    assert got == expected and (summary["accepted"], summary["rejected"]) == (1, 1)
+    assert zarr.open_group(str(tmp_path / "out" / "skeletons.zarr"), mode="r")["lengths"][:].tolist() == [30]
+
+
 def test_failed_run_leaves_previous_output_untouched(tmp_path, monkeypatch):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "S001C001P001R001A001.skeleton").write_bytes(person_file(20, 1))

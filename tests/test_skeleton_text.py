@@ -49,6 +49,18 @@ def test_real_ntu_lines_parse_to_exact_values(parse):
 
 
 @pytest.mark.parametrize("parse", PARSERS)
+def test_a_utf8_byte_order_mark_is_skipped(parse):
+    """A file saved by an editor that adds a BOM reads as the same file; a BOM anywhere else is binary."""
+    data, _, _ = two_body_file()
+    plain, marked = parse(data), parse(b"\xef\xbb\xbf" + data)
+    assert marked.declared_frames == 4 and marked.body_ids.tolist() == plain.body_ids.tolist()
+    assert np.array_equal(marked.values, plain.values) and np.array_equal(marked.tracking, plain.tracking)
+    with pytest.raises(st.SkeletonFormatError) as info:
+        parse(b"4\r\n\xef\xbb\xbf" + data[3:])
+    assert info.value.code == "binary" and "line 2" in info.value.message
+
+
+@pytest.mark.parametrize("parse", PARSERS)
 @pytest.mark.parametrize("newline", ["\r\n", "\n"])
 def test_two_bodies_empty_frame_and_exact_ids(parse, newline):
     data, xyz_a, xyz_b = two_body_file(newline)
