@@ -61,7 +61,16 @@ from .model import load as load_model
 from .pose_runtime import PoseRuntime, PoseRuntimeError
 from .settings import Settings
 from .video_actions import STRIDE_FRAMES, WINDOW_FRAMES, skeleton_to_actions
-from .video_io import ACTION_FPS, MAX_FRAMES, VideoError, VideoInfo, annotate, open_video, saved_upload
+from .video_io import (
+    ACTION_FPS,
+    MAX_FRAMES,
+    VideoError,
+    VideoInfo,
+    annotate,
+    check_frame_size,
+    open_video,
+    saved_upload,
+)
 
 _SETTINGS = Settings.model_fields  # the server's defaults are the CLI's and the functions'
 MIN_FRAMES = _SETTINGS["video_min_frames"].default  # 16: about half a second at 30 fps
@@ -176,7 +185,8 @@ def video_to_skeleton(
 ) -> VideoSkeleton:
     """Uint8 BGR frames ``(H, W, 3)`` -> :class:`VideoSkeleton`, with ``runtime`` (a
     :class:`serving.pose_runtime.PoseRuntime`) and ``camera`` (default: NTU's colour camera) scaled
-    to ``W x H``. Raises :class:`VideoError` for no frame, fewer than ``min_frames``, or nobody."""
+    to ``W x H``. Raises :class:`VideoError` for no frame, frames of a size it cannot take
+    (:func:`~serving.video_io.check_frame_size`), fewer than ``min_frames``, or nobody."""
     if not 1 <= max_people <= MAX_PERSONS:
         raise ValueError(f"max_people must be 1 to {MAX_PERSONS}, got {max_people}")
     tracker = Tracker(slots=MAX_PERSONS)
@@ -185,6 +195,7 @@ def video_to_skeleton(
     for chunk in _chunks(frames, batch_frames):
         if size is None:
             size = (chunk[0].shape[1], chunk[0].shape[0])
+            check_frame_size(*size)  # the decoded size: the container's may say otherwise
             cam = (camera or Camera()).scaled(*size)
         if any(f.shape != (size[1], size[0], 3) or f.dtype != np.uint8 for f in chunk):
             raise VideoError("unreadable_video", f"frames must all be uint8 {size[0]}x{size[1]} BGR images")

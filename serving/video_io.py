@@ -37,10 +37,24 @@ VIDEO_SUFFIXES = (".avi", ".mp4")
 VIDEO_TYPES = ("video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi", "video/mp4")
 WRITERS = {".mp4": "mp4v", ".avi": "MJPG"}
 SLOT_COLOURS = ((90, 220, 90), (40, 170, 255))  # BGR: slot 0 green, slot 1 orange
+MIN_SIDE, MAX_SIDE = 16, 4096  # frame sides in pixels: 4K video either way up
+MAX_TALL = 4  # height / width: the detector scales every frame to its fixed width, so its input (and
+# the memory of a batch) grows with this ratio: 16x8192 frames took gigabytes and ended in a 500
 
 
 class VideoError(RejectedInput):
     """A video the pipeline cannot use (unreadable, too short or long, nobody in it)."""
+
+
+def check_frame_size(width: int, height: int) -> None:
+    """Refuse frames of ``width x height`` the pose stage cannot take: a side under :data:`MIN_SIDE`
+    or over :data:`MAX_SIDE` pixels, or taller than :data:`MAX_TALL` : 1."""
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE) or height > MAX_TALL * width:
+        raise VideoError(
+            "frame_size",
+            f"the frames are {width}x{height} pixels; they need {MIN_SIDE} to {MAX_SIDE} pixels a side "
+            f"and at most {MAX_TALL} times as tall as wide",
+        )
 
 
 @dataclass(frozen=True)
@@ -158,8 +172,9 @@ def open_video(
             int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
             int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
         )
-        if not capture.isOpened() or width < 16 or height < 16:
+        if not capture.isOpened() or width <= 0 or height <= 0:
             raise VideoError("unreadable_video", f"OpenCV cannot decode {Path(path).name} as a video")
+        check_frame_size(width, height)
         declared = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
         source = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
         source = source if np.isfinite(source) and source > 0 else 0.0

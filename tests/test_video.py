@@ -343,6 +343,20 @@ def test_video_errors_say_what_was_wrong(runtime, clip_path, tmp_path):
     garbage = tmp_path / "garbage.avi"
     garbage.write_bytes(b"RIFF\x00\x00\x00\x00AVI " + bytes(range(256)) * 8)
     assert code(garbage) == ("unreadable_video", "OpenCV cannot decode garbage.avi as a video")
+    # frame sizes the detector cannot take: it scales each frame to its fixed width, so 16x8192 frames
+    # (a 14 KB upload) took gigabytes before this check; small ones have no person to find
+    for width, height in ((16, 1024), (8, 8), (4100, 64)):
+        frames = [np.full((height, width, 3), 35, np.uint8)] * 4
+        sized = write_video(tmp_path / f"size{width}x{height}.avi", frames)
+        assert code(sized) == ("frame_size", f"the frames are {width}x{height} pixels; they need 16 to 4096 "
+                               "pixels a side and at most 4 times as tall as wide")  # fmt: skip
+        with pytest.raises(
+            video_io.VideoError, match=f"are {width}x{height} pixels"
+        ):  # whatever the header says
+            video.video_to_skeleton(frames, runtime)
+    assert (
+        video.video_to_skeleton(stick_figure_frames(16, 80, 320), runtime, min_frames=1).frames == 16
+    )  # 4:1
     assert code(tmp_path / "none.mp4")[0] == "unreadable_video"
     with pytest.raises(ValueError, match="max_people must be 1 to 2"):
         video.video_to_skeleton([], runtime, max_people=3)
@@ -591,6 +605,8 @@ def test_video_endpoint_refuses_bad_uploads(client, tmp_path):
     _is_error(post(json={"file": "x"}), 415, "unsupported_media_type", "multipart")
     short = write_video(tmp_path / "short.avi", stick_figure_frames(10)).read_bytes()
     _is_error(post(files={"file": ("short.avi", short)}), 422, "too_short", "at least 16")
+    tall = write_video(tmp_path / "tall.avi", [np.full((2048, 16, 3), 35, np.uint8)] * 8).read_bytes()
+    _is_error(post(files={"file": ("tall.avi", tall)}), 422, "frame_size", "at most 4 times as tall")
 
 
 def test_video_endpoint_size_limit(tiny_bundle, exported, clip_path):
