@@ -111,6 +111,8 @@ def has_native_parser() -> bool:
 class _Lines:
     def __init__(self, data: bytes):
         self._lines = data.split(b"\n")
+        if len(self._lines) > 1 and not self._lines[-1]:  # after the last newline: no line (as in C)
+            self._lines.pop()
         self._next = 0
         self._offset = 0
         self.line = 0  # 1-based number of the line last returned

@@ -186,6 +186,23 @@ def test_native_and_python_parsers_agree_on_mutated_files():
     assert {"ok", "non_numeric", "bad_field_count"} <= outcomes  # the fuzzing reached varied paths
 
 
+@pytest.mark.parametrize("end", [b"", b"\r\n", b"\n\n"])
+@pytest.mark.parametrize("newline", ["\r\n", "\n"])
+def test_both_parsers_name_the_same_line_when_frames_are_missing(newline, end):
+    """A frame count larger than the frames: both say after which line the file ended (the empty
+    piece after the last newline is no line; a blank line at the end is one)."""
+    data, _, _ = two_body_file(newline)
+    data = b"5" + data[1:] + end  # 5 frames declared, 4 there
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    for parse in (st.parse_skeleton, st.parse_skeleton_python):
+        with pytest.raises(st.SkeletonFormatError) as info:
+            parse(data)
+        assert (info.value.code, info.value.message) == (
+            "truncated",
+            f"file ends before frame 5 of 5 (after line {lines})",
+        ), parse
+
+
 def test_writer_refuses_wrong_joint_shape():
     bad = body(ID_A, STANDING)
     bad.joints = bad.joints[:24]
