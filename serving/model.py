@@ -166,6 +166,26 @@ def open_runtime(
     return _onnx(bundle_dir, meta, "fp32", threads, solo)
 
 
+def self_test(run: Callable[[np.ndarray], np.ndarray], window: int, classes: int, where: Path) -> None:
+    """Score two clips of the size the service sends (``window`` frames), one with and one without a
+    second person, so both graphs run: a bundle whose files disagree (a label map of another model,
+    a one-person graph of another window) is refused at load, not a 500 on every request."""
+    clips = np.zeros((2, 3, window, 25, 2), np.float32)
+    clips[:, 1, :, :, 0] = np.linspace(-0.5, 0.5, 25, dtype=np.float32)  # someone standing, 1 m tall
+    clips[1, :, :, :, 1] = clips[1, :, :, :, 0] + np.float32(0.8)
+    try:
+        scores = np.asarray(run(clips))
+    except Exception as exc:  # ONNX Runtime / TensorRT raise their own kinds
+        raise ModelError(f"{where}: the model fails on a {window}-frame clip: {exc}") from None
+    if scores.shape != (2, classes):
+        raise ModelError(
+            f"{where}: the model scores two {window}-frame clips as {scores.shape}, not (2, {classes}): "
+            f"one score per label of labels.json"
+        )
+    if not np.isfinite(scores).all():
+        raise ModelError(f"{where}: the model's scores of a {window}-frame clip are not finite")
+
+
 def load(settings: Settings) -> LoadedModel:
     """Verify and open the model ``settings`` point to; raises :class:`ModelError` or
     :class:`stages.bundle.BundleError` with the reason."""
@@ -185,6 +205,7 @@ def load(settings: Settings) -> LoadedModel:
         workers = settings.workers or (cores if ort_providers()[0] == "CPUExecutionProvider" else 1)
         threads = settings.threads or max(1, cores // workers)
         run, info = open_runtime(bundle_dir, meta, settings.runtime, threads, settings.solo)
+        self_test(run, loader.window, len(meta["labels"]), bundle_dir)
     except BaseException:
         cleanup.close()
         raise

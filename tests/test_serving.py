@@ -700,6 +700,30 @@ def test_a_damaged_bundle_is_not_served_but_the_app_runs(tiny_bundle, tmp_path, 
         assert "\nntu_serve_model_ready 0.0\n" in c.get("/metrics").text  # the gauge, present, at 0
 
 
+@pytest.mark.parametrize("mismatch", ["labels", "window"])
+def test_a_bundle_whose_files_disagree_is_refused_at_load(tiny_bundle, tmp_path, clip, mismatch):
+    """Checksums pass (the manifest is rewritten) but the files do not fit together: a label map of
+    another model (5 labels for 3 scores), or a window the one-person graph (fixed at 64) cannot take.
+    The load's self-test refuses them; before it, /ready said 200 and every request was a 500."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.bundle_dir, copy)
+    if mismatch == "labels":
+        labels = json.loads((copy / "labels.json").read_text())
+        extra = [{**labels[0], "id": 100 + i, "index": len(labels) + i} for i in range(2)]
+        (copy / "labels.json").write_text(json.dumps(labels + extra))
+        reason = "as (2, 3), not (2, 5): one score per label"
+    else:
+        meta = json.loads((copy / "bundle.json").read_text())
+        meta["input"]["window"] = meta["sampling"]["window"] = 48
+        (copy / "bundle.json").write_text(json.dumps(meta))
+        reason = "the model fails on a 48-frame clip"
+    bundle.write_manifest(copy)
+    bundle.verify(copy)  # the checksums are right: only the self-test can refuse it
+    with serving(copy) as c:
+        _is_error(c.get("/ready"), 503, "not_ready", reason)
+        _is_error(c.post("/v1/predict", json={"clip": clip}), 503, "not_ready", reason)
+
+
 # ---- micro-batching -------------------------------------------------------------------------------
 
 
