@@ -22,6 +22,7 @@ from models.two_stream import MultiStream
 from stages import bundle, export, preprocess
 from stages.dataset import LoaderParams, SkeletonDataset
 from stages.errors import RejectedInput
+from stages.features import FeaturesParams
 from stages.params import from_mapping
 from stages.store import open_store
 
@@ -163,6 +164,62 @@ def test_int8_scores_stay_close_to_fp32(tiny_bundle):
     diff = np.abs(q - fp32)
     assert diff.max() < 0.6 and diff.mean() < 0.06, (diff.max(), diff.mean())
     assert np.mean(q.argmax(1) == fp32.argmax(1)) == pytest.approx(int8["top1_agreement_with_fp32"], abs=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["agrees", "disagrees"])
+def test_the_tensorrt_branch_bundles_an_engine_only_when_it_agrees_with_onnx(
+    tiny_bundle, tmp_path, monkeypatch, engine
+):
+    """The stage's TensorRT branch on a CPU machine, TensorRT itself stubbed: the engine's scores
+    are ONNX Runtime's (or those with the classes rolled, so every top-1 differs); one that agrees
+    goes into the bundle, its checksum in the manifest; one that does not is left out and reported."""
+    built = []
+
+    def build(onnx_path, engine_path, batches, max_frames):
+        Path(engine_path).write_bytes(b"a serialized engine")
+        built.append((Path(onnx_path).name, batches, max_frames))
+        return {
+            "version": "stub",
+            "profiles": [{"batch": [1, b], "frames": [8, 64, max_frames]} for b in batches],
+        }
+
+    class Runner:
+        def __init__(self, engine_path, batches):
+            self.session = export.ort_session(Path(engine_path).with_name("model.onnx"), 1)
+
+        def __call__(self, clips):
+            scores = export.ort_scores(self.session, clips)
+            return scores if engine == "agrees" else np.roll(scores, 1, axis=1)
+
+    monkeypatch.setattr(export, "tensorrt_available", lambda: None)
+    monkeypatch.setattr(export, "build_tensorrt", build)
+    monkeypatch.setattr(export, "TensorRTRunner", Runner)
+    params = export.ExportParams(int8=False, latency_runs=1, tensorrt_batches=(1, 8))
+    report = export.run(params, LoaderParams(), FeaturesParams(), model_path=tiny_bundle.model_path,
+                        features_dir=tiny_bundle.features_dir, out_dir=tmp_path / "export")  # fmt: skip
+    assert built == [("model.onnx", (1, 8), 300)]
+    trt = report["tensorrt"]
+    meta = bundle.verify(tmp_path / "export" / "bundle")
+    if engine == "agrees":
+        assert (
+            trt["in_bundle"] and trt["top1_agreement_vs_onnx"] == 1.0 and trt["max_abs_diff_vs_onnx"] == 0.0
+        )
+        assert meta["files"]["tensorrt"] == "model.plan" and trt["latency_ms_batch1"] > 0
+        assert (tmp_path / "export" / "bundle" / "model.plan").read_bytes() == b"a serialized engine"
+    else:
+        assert not trt["in_bundle"] and trt["top1_agreement_vs_onnx"] < export.TENSORRT_MIN_AGREEMENT
+        assert (
+            meta["files"]["tensorrt"] is None and not (tmp_path / "export" / "bundle" / "model.plan").exists()
+        )
+
+
+def test_engine_parity_refuses_wrong_shapes_and_non_finite_scores():
+    onnx = np.array([[0.0, 1.0], [2.0, 1.0]], np.float32)
+    assert export.engine_parity(onnx + 1e-4, onnx) == pytest.approx(
+        {"max_abs_diff_vs_onnx": 1e-4, "top1_agreement_vs_onnx": 1.0, "in_bundle": True}, abs=1e-6
+    )
+    assert not export.engine_parity(onnx[:, :1], onnx)["in_bundle"]
+    assert not export.engine_parity(np.where(onnx > 1, np.nan, onnx), onnx)["in_bundle"]
 
 
 @pytest.mark.skipif(export.tensorrt_available() is not None, reason="needs CUDA and the tensorrt package")
