@@ -157,6 +157,9 @@ def fit_fusion_head(
     """
     if model.head is None:
         return []
+    # Outputs of a torch.inference_mode pass (evaluate's, finetune_video's) are inference tensors,
+    # which autograd cannot save for the backward pass: their clones are ordinary tensors.
+    scores, feats = scores.clone(), feats.clone()
     torch.manual_seed(seed)
     nn.init.normal_(model.head.weight, 0, 0.01)
     nn.init.zeros_(model.head.bias)
