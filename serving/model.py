@@ -28,7 +28,7 @@ import numpy as np
 
 from stages import bundle, export
 from stages.dataset import LoaderParams
-from stages.params import ParamsError, from_mapping
+from stages.params import ParamsError, from_mapping, usable_cpus
 from stages.tracking import DEFAULT_TRACKING_URI
 
 from .settings import Settings
@@ -201,7 +201,7 @@ def load(settings: Settings) -> LoadedModel:
             loader = from_mapping("loader", LoaderParams, meta["sampling"])
         except (ParamsError, KeyError, TypeError) as exc:
             raise ModelError(f"{bundle_dir}: bundle.json sampling is not a loader section ({exc})") from None
-        cores = os.cpu_count() or 1
+        cores = usable_cpus()
         workers = settings.workers or (cores if ort_providers()[0] == "CPUExecutionProvider" else 1)
         threads = settings.threads or max(1, cores // workers)
         run, info = open_runtime(bundle_dir, meta, settings.runtime, threads, settings.solo)

@@ -13,7 +13,6 @@ Anything with the attributes and methods of :class:`PoseRuntime` used by :mod:`s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from models.pose import (
     soft_argmax,
 )
 from stages.bundle import sha256_file
+from stages.params import usable_cpus
 
 META = "pose.json"  # stages.export_pose.META (not imported: serving needs no exporter)
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -72,7 +72,7 @@ def _session(path: Path, threads: int, chosen: list[str]):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # Between graph calls the video path decodes, crops and lifts on the same cores; idle workers

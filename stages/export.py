@@ -31,7 +31,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from models.two_stream import MultiStream, SoloStreams
 from stages import bundle
 from stages.dataset import LoaderParams, SkeletonDataset
 from stages.features import FeaturesParams
-from stages.params import ParamsError, load_section
+from stages.params import ParamsError, load_section, usable_cpus
 from stages.store import atomic_directory, write_metrics
 
 INPUT, OUTPUT = "joints", "scores"
@@ -221,7 +220,7 @@ def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
@@ -447,7 +446,7 @@ def run(
 ) -> dict:
     """Export, check and bundle; returns the report (also written to ``metrics_path``)."""
     model, meta = load_fused(model_path)
-    torch.set_num_threads(params.threads or (os.cpu_count() or 1))
+    torch.set_num_threads(params.threads or usable_cpus())
     report: dict = {"streams": list(model.names), "fusion": meta["fusion"]}
     with atomic_directory(Path(out_dir)) as tmp:
         work = tmp / "bundle"
@@ -527,7 +526,7 @@ def run(
             else:
                 int8.unlink()
         report["latency_ms_batch1"] = latency
-        report["threads"] = params.threads or (os.cpu_count() or 1)
+        report["threads"] = params.threads or usable_cpus()
 
         reason = "off in params" if params.tensorrt == "off" else tensorrt_available()
         if reason is None:

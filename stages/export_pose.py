@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ from models.skeleton import EDGES
 from stages import training
 from stages.bundle import sha256_file
 from stages.export import _quiet, batch1_latency_ms, ort_session, save_onnx
-from stages.params import ParamsError, load_section
+from stages.params import ParamsError, load_section, usable_cpus
 from stages.pose_data import PoseDataParams, cut_crop, joint_box, letterbox, square_crop
 from stages.store import atomic_directory, write_metrics
 from stages.train_pose import load_estimator
@@ -380,7 +379,7 @@ def run(
     geo = geometry(ckpt, pose_data)
     if geo["frame_width"] % cfg.input_multiple:
         raise ExportPoseError(f"frame_width {geo['frame_width']} is not a multiple of {cfg.input_multiple}")
-    threads = params.threads or (os.cpu_count() or 1)
+    threads = params.threads or usable_cpus()
     torch.set_num_threads(threads)
     frame_size = (frame_height(geo["frame_width"], cfg.input_multiple), geo["frame_width"])
     torch.manual_seed(params.seed)

@@ -3,11 +3,15 @@
 Each stage declares its section as a frozen dataclass; ``load_section(path, "parse", ParseParams)``
 checks that every key is known and every value has the declared type, so a typo in ``params.yaml``
 stops the stage with a message naming the key instead of being silently ignored.
+
+A value of 0 for threads or workers means "from the machine": :func:`usable_cpus`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -16,6 +20,46 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: ``os.cpu_count()`` capped by its affinity mask (``taskset``,
+    cpusets) and by a cgroup CPU quota (``docker --cpus``, Kubernetes limits), at least 1. The
+    stages size thread counts and process pools with it (``os.cpu_count()`` is the host's count:
+    64 threads in a 2-CPU container spin against each other)."""
+    cpus = os.cpu_count() or 1
+    with contextlib.suppress(AttributeError, OSError):  # no sched_getaffinity on macOS
+        cpus = min(cpus, len(os.sched_getaffinity(0)))
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, int(quota))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the process's cgroup may use per period (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``), or None without a limit."""
+    with contextlib.suppress(OSError, ValueError):
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+        path = next((line[3:] for line in own if line.startswith("0::")), "/")
+        for where in (root / path.lstrip("/"), root):  # the process's cgroup, the namespace's root
+            if (where / "cpu.max").is_file():
+                quota, period = (where / "cpu.max").read_text().split()[:2]
+                return None if quota == "max" else int(quota) / int(period)
+    with contextlib.suppress(OSError, ValueError):
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def torch_threads(share: int = 1) -> int:
+    """Threads for torch in one of ``share`` processes: ``OMP_NUM_THREADS`` when it is set (torchrun
+    and users set it), else this process's share of :func:`usable_cpus`."""
+    with contextlib.suppress(ValueError):
+        if (threads := int(os.environ.get("OMP_NUM_THREADS", "0"))) > 0:
+            return threads
+    return max(1, usable_cpus() // share)
 
 
 class ParamsError(ValueError):

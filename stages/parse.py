@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from stages import ntu_files
 from stages.denoise import DenoiseError, select_actors
-from stages.params import ParamsError, load_section
+from stages.params import ParamsError, load_section, usable_cpus
 from stages.skeleton_text import SkeletonFormatError, has_native_parser, parse_skeleton
 from stages.store import FORMAT_VERSION, LAYOUT, atomic_directory, create_tensor, write_metrics, write_vector
 
@@ -381,7 +381,7 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
         missing=ntu_files.missing_samples(params.dataset) if params.dataset != "synthetic" else frozenset(),
         raw_dir=str(raw_dir),
     )
-    workers = params.workers or max((os.cpu_count() or 1) - 1, 1)
+    workers = params.workers or max(usable_cpus() - 1, 1)
     with atomic_directory(out_dir) as tmp:
         group = zarr.open_group(str(tmp / "skeletons.zarr"), mode="w")
         with _ShardWriter(group, params) as writer:

@@ -51,7 +51,7 @@ from models.skeleton import NUM_JOINTS, SPINE_MIDDLE
 from stages import ntu_files
 from stages.denoise import real_bodies
 from stages.errors import RejectedInput
-from stages.params import ParamsError, load_section
+from stages.params import ParamsError, load_section, usable_cpus
 from stages.skeleton_text import parse_skeleton
 from stages.store import atomic_directory, compressor, write_metrics
 
@@ -499,7 +499,7 @@ def _by_split(rows: list[dict], benchmark: str) -> dict:
 def _results(
     pairs: list[Pair], params: PoseDataParams, rules: LabelRules
 ) -> Iterator[tuple[dict, dict | None]]:
-    workers = params.workers or os.cpu_count() or 1
+    workers = params.workers or usable_cpus()
     jobs = [(pair, params, rules) for pair in pairs]
     if workers == 1 or len(jobs) <= 1:
         yield from map(_process, jobs)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.ntu_files import NTU120_XSUB_TRAIN_SUBJECTS, SampleName, parse_name
-from stages.params import ParamsError, load_section
+from stages.params import ParamsError, load_section, usable_cpus
 from stages.store import atomic_directory
 from stages.synth.actions import PROGRAMS
 from stages.synth.camera import make_setup, stable_seed, to_camera
@@ -216,7 +215,7 @@ def run(params: RenderParams, synth: SynthesizeParams, *, raw_dir: Path, out_dir
     if not names:
         raise RenderError(f"no NTU-named .skeleton files in {raw_dir} (run the synthesize stage first)")
     chosen = choose_videos(names, params.videos_per_class, params.seed)
-    workers = min(params.workers or os.cpu_count() or 1, len(chosen))
+    workers = min(params.workers or usable_cpus(), len(chosen))
     with atomic_directory(out_dir) as tmp:
         jobs = [(name, params, synth, str(raw_dir), str(tmp)) for name in chosen]
         if workers == 1:

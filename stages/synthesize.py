@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import os
 import sys
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stages.ntu_files import MUTUAL_ACTIONS, SampleName, class_names
-from stages.params import ParamsError, load_section
+from stages.params import ParamsError, load_section, usable_cpus
 from stages.store import atomic_directory
 from stages.synth.actions import PROGRAMS
 from stages.synth.sample import SyntheticSample, corpus_names, corpus_subjects, generate_sample
@@ -97,7 +96,7 @@ def run(params: SynthesizeParams, *, out_dir: Path) -> dict:
     start = time.perf_counter()
     out_dir = Path(out_dir)
     names = corpus_names(params)
-    workers = params.workers or os.cpu_count() or 1
+    workers = params.workers or usable_cpus()
     with atomic_directory(out_dir) as tmp:
         jobs = [(name, params, str(tmp)) for name in names]
         if workers == 1:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from stages.params import ParamsError
+from stages.params import ParamsError, torch_threads
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def setup_runtime(device: str = "auto", amp: str = "auto", compile: str = "auto"
         torch.backends.cudnn.benchmark = True
     else:
         dev = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(torch_threads(world_size))
         keep_large_allocations()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

@@ -31,7 +31,6 @@ import concurrent.futures
 import itertools
 import json
 import multiprocessing
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +42,7 @@ from tqdm import tqdm
 from serving.pose_runtime import PoseRuntimeError, verify
 from stages import ntu_files
 from stages.errors import RejectedInput
-from stages.params import ParamsError, load_section
+from stages.params import ParamsError, load_section, usable_cpus
 from stages.pose_data import discover_pairs
 from stages.store import atomic_directory, write_metrics
 
@@ -188,7 +187,7 @@ def run(
     chosen = choose_training(
         discover_pairs(Path(video_dir), Path(skeleton_dir)), params.benchmark, params.videos_per_class
     )
-    workers = max(1, min(params.workers or os.cpu_count() or 1, len(chosen) or 1))
+    workers = max(1, min(params.workers or usable_cpus(), len(chosen) or 1))
     started = time.perf_counter()
     results: list[dict] = []
     init = (str(pose_dir), 1 if workers > 1 else 0, params.threshold, params.flip_test, params.mirrored)

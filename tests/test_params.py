@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from stages.dataset import LoaderParams
@@ -45,3 +47,45 @@ def test_missing_file_and_section(tmp_path):
 def test_classes_resolve_to_labels():
     assert ParseParams(dataset="ntu60").class_ids() == tuple(range(1, 61))
     assert from_mapping("parse", ParseParams, {"classes": [9, 8]}).class_ids() == (8, 9)
+
+
+def test_usable_cpus_is_capped_by_affinity_and_cgroup_quota(monkeypatch, tmp_path):
+    from stages import params as params_module
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the host's count, inside a container
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(params_module, "_cgroup_cpu_quota", lambda: None)
+    assert params_module.usable_cpus() == 4  # taskset / cpuset
+    monkeypatch.setattr(params_module, "_cgroup_cpu_quota", lambda: 2.5)
+    assert params_module.usable_cpus() == 2  # docker --cpus 2.5: 2 threads, not 64
+    monkeypatch.setattr(params_module, "_cgroup_cpu_quota", lambda: 0.5)
+    assert params_module.usable_cpus() == 1
+
+
+def test_cgroup_quota_reads_v2_and_v1(tmp_path):
+    from stages.params import _cgroup_cpu_quota
+
+    assert _cgroup_cpu_quota(tmp_path) is None  # no cgroup files: no limit
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert _cgroup_cpu_quota(tmp_path) == 2.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpu_quota(tmp_path) == 3.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1's "no limit"
+    assert _cgroup_cpu_quota(tmp_path) is None
+
+
+def test_torch_threads_take_omp_num_threads_else_a_share_of_the_cpus(monkeypatch):
+    from stages import params as params_module
+
+    monkeypatch.setattr(params_module, "usable_cpus", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert params_module.torch_threads() == 8 and params_module.torch_threads(3) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun sets it
+    assert params_module.torch_threads(2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: ignored
+    assert params_module.torch_threads(16) == 1
