@@ -276,6 +276,10 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        # The loader draws its workers' base seed when an iterator starts: from this generator, not
+        # torch's global one, so a resumed run (whose persistent iterators start again) leaves the
+        # global stream, and with it dropout, where the uninterrupted run has it.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -278,9 +278,9 @@ def run(
                 ),
                 "best": best,
             }
-            training.save_checkpoint(last_path, payload)
-            if is_best:
+            if is_best:  # first: a run killed between the two redoes this epoch from the previous last.pt
                 training.save_checkpoint(best_path, payload)
+            training.save_checkpoint(last_path, payload)
             _write_history(reports_dir / "history.csv", history)
             tracker.log_metrics(
                 {k: v for k, v in row.items() if k != "epoch" and v is not None}, step=epoch + 1
