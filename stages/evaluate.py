@@ -225,6 +225,10 @@ def run(
         ds = SkeletonDataset(
             features_dir, stream="joint", benchmark=benchmark, split=split, params=lp, train=False
         )
+        if len(ds) == 0:
+            raise ValueError(
+                f"{features_dir}: the {split} split of {benchmark} is empty: nothing to evaluate"
+            )
         return make_loader(ds, params.batch_size, shuffle=False, num_workers=params.workers)
 
     fit_losses = []
@@ -260,9 +264,10 @@ def run(
     for a, b in params.pairs:
         if a in class_ids and b in class_ids:
             members = np.isin(labels, [class_ids.index(a), class_ids.index(b)])
-            metrics["pairs"][f"A{a:03d}_A{b:03d}"] = round(
-                float(np.mean(pred[members] == labels[members])), 5
-            )
+            if members.any():  # a pair with no test sample has no accuracy (NaN is not JSON)
+                metrics["pairs"][f"A{a:03d}_A{b:03d}"] = round(
+                    float(np.mean(pred[members] == labels[members])), 5
+                )
     confused = most_confused(cm, names, params.top_confused)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +275,8 @@ def run(
         w = csv.writer(f)
         w.writerow(["class_id", "class", "test_samples", "top1"])
         for i in range(k):
-            w.writerow([f"A{class_ids[i]:03d}", names[i], int(cm[i].sum()), round(float(per_class[i]), 5)])
+            top1 = round(float(per_class[i]), 5) if cm[i].sum() else ""  # no test sample: no accuracy
+            w.writerow([f"A{class_ids[i]:03d}", names[i], int(cm[i].sum()), top1])
     with (out_dir / "confusion.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["actual", "predicted"])

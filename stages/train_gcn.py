@@ -131,6 +131,10 @@ def _loaders(
             "of "
             f"{recipe.batch_size} per rank; lower the recipe's batch_size or add data"
         )
+    if len(test_set) == 0:  # found before training, not at the first evaluation
+        raise ValueError(
+            f"{features_dir}: the test split of {params.benchmark} is empty: nothing to evaluate on"
+        )
     train_loader = make_loader(
         train_set,
         recipe.batch_size,

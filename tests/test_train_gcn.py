@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,6 +298,50 @@ def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path)
     assert (out / "confusion.png").stat().st_size > 1000
     model_file = torch.load(out / "model.pt", weights_only=True)
     assert model_file["streams"] == ["joint", "bone"] and model_file["weights"] == {"joint": 0.6, "bone": 0.6}
+
+    # The learned fusions fit on the streams' outputs (they crashed on inference tensors before)
+    for fusion in ("concat", "attention"):
+        fused = evaluate.run(
+            dataclasses.replace(eparams, fusion=fusion, multi_clips=0), params, LOADER,
+            features_dir=tiny_features, checkpoints_dir=tmp_path / "ck", out_dir=tmp_path / fusion,
+        )  # fmt: skip
+        assert fused["fusion"] == fusion and 0 <= fused["centre_clip"]["fused"]["top1"] <= 1
+
+    # A test split without the pair's classes: no pair accuracy (NaN is not JSON), blank per-class
+    # cells; an empty test split: a message before any work, in evaluate and in train_gcn
+    only50 = _with_test_split(tiny_features, tmp_path / "only50", lambda action: action == 50)
+    evaluate.run(eparams, params, LOADER, features_dir=only50, checkpoints_dir=tmp_path / "ck",
+                 out_dir=tmp_path / "ev50")  # fmt: skip
+    strict = json.loads((tmp_path / "ev50" / "metrics.json").read_text(), parse_constant=pytest.fail)
+    assert strict["pairs"] == {} and strict["test_samples"] > 0  # class 50's test samples only
+    per_class = (tmp_path / "ev50" / "per_class.csv").read_text().splitlines()
+    assert per_class[1].startswith("A008,sitting down,0,") and per_class[1].endswith(",")
+    empty = _with_test_split(tiny_features, tmp_path / "notest", lambda action: False)
+    with pytest.raises(ValueError, match="the test split of ntu120_xsub is empty"):
+        evaluate.run(eparams, params, LOADER, features_dir=empty, checkpoints_dir=tmp_path / "ck",
+                     out_dir=tmp_path / "ev0")  # fmt: skip
+    with pytest.raises(ValueError, match="the test split of ntu120_xsub is empty"):
+        train_gcn.run(params, LOADER, stream="joint", features_dir=empty, out_dir=tmp_path / "ck0",
+                      reports_dir=tmp_path / "rep0")  # fmt: skip
+    assert not (tmp_path / "ck0" / "last.pt").exists()  # refused before the first epoch
+
+
+def _with_test_split(features_dir: Path, copy: Path, keep) -> Path:
+    """A copy of a features store whose X-Sub test split keeps only the samples of actions ``keep``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(features_dir, copy)
+    table = pq.read_table(copy / "samples.parquet")
+    split = [
+        s if s != "test" or keep(a) else None
+        for s, a in zip(table["ntu120_xsub"].to_pylist(), table["action"].to_pylist(), strict=True)
+    ]
+    index = table.schema.get_field_index("ntu120_xsub")
+    pq.write_table(
+        table.set_column(index, "ntu120_xsub", pa.array(split, pa.string())), copy / "samples.parquet"
+    )
+    return copy
 
 
 def test_confusion_summaries_on_known_predictions():
