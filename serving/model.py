@@ -29,6 +29,7 @@ import numpy as np
 from stages import bundle, export
 from stages.dataset import LoaderParams
 from stages.params import ParamsError, from_mapping, usable_cpus
+from stages.registry import BUNDLE_DIR
 from stages.tracking import DEFAULT_TRACKING_URI
 
 from .settings import Settings
@@ -83,13 +84,25 @@ def download(model_uri: str, dst: Path) -> Path:
     # models:/ URIs resolve against the process-wide URIs, not download_artifacts' arguments; the
     # registry's defaults to the tracking one (setting it would also set MLFLOW_REGISTRY_URI for good)
     mlflow.set_tracking_uri(uri)
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri, registry_uri=registry
+
+    def fetch(artifact_uri: str, into: Path) -> Path:
+        into.mkdir(parents=True, exist_ok=True)
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri, dst_path=str(into), tracking_uri=uri, registry_uri=registry
+            )
         )
+
+    if model_uri.startswith("models:/") and not model_uri.rstrip("/").endswith(f"/{BUNDLE_DIR}"):
+        # A version the package stage registered holds bundle/ and the training checkpoint/: fetch
+        # only the bundle. Other layouts (the bundle at the version's root) are fetched whole.
+        with contextlib.suppress(Exception):
+            return find_bundle(fetch(f"{model_uri.rstrip('/')}/{BUNDLE_DIR}", dst / "bundle-only"))
+    try:
+        local = fetch(model_uri, dst / "whole")
     except Exception as exc:  # MLflow raises many kinds (MlflowException, OSError, HTTP errors)
         raise ModelError(f"cannot download {model_uri} from MLflow ({uri}): {exc}") from None
-    return find_bundle(Path(local))
+    return find_bundle(local)
 
 
 def ort_providers() -> list[str]:

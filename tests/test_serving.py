@@ -1140,6 +1140,32 @@ def test_model_from_an_mlflow_registry_alias(tiny_bundle, tmp_path, monkeypatch,
         _is_error(c.get("/ready"), 503, "not_ready", "cannot download models:/ntu120-ctrgcn@nobody")
 
 
+def test_a_version_the_package_stage_registered_is_fetched_without_its_checkpoint(
+    tiny_bundle, tmp_path, monkeypatch
+):
+    """The package stage's versions hold bundle/ and checkpoint/ (the training checkpoint, a torch
+    file the server has no use for): only bundle/ is downloaded; the whole version was before."""
+    import mlflow
+
+    from stages.registry import MlflowRegistry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("package-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"a torch checkpoint")
+    with mlflow.start_run(experiment_id=experiment):
+        registry = MlflowRegistry(mlflow, None, uri)
+        meta = bundle.verify(tiny_bundle.bundle_dir)
+        version = registry.register("ntu120-ctrgcn", tiny_bundle.bundle_dir, checkpoint, meta, {})
+        registry.set_alias("ntu120-ctrgcn", "champion", version)
+    found = model_loader.download("models:/ntu120-ctrgcn@champion", tmp_path / "dl")
+    fetched = {p.name for p in (tmp_path / "dl").rglob("*") if p.is_file()}
+    assert bundle.verify(found)["version"] == meta["version"]
+    assert fetched == {p.name for p in tiny_bundle.bundle_dir.iterdir()}  # model.pt, MLmodel: not fetched
+
+
 def test_downloaded_artifacts_are_searched_and_verified(tiny_bundle, tmp_path):
     nested = tmp_path / "artifacts" / "model" / "bundle"
     shutil.copytree(tiny_bundle.bundle_dir, nested)
