@@ -32,6 +32,8 @@ def mlflow_name(key: str) -> str:
 
 
 class Tracker(Protocol):
+    run_id: str | None  # the MLflow run's id (None when nothing is tracked)
+
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
@@ -40,6 +42,8 @@ class Tracker(Protocol):
 
 class NullTracker:
     """Records nothing (tests, ``--no-mlflow``); keeps what it was given for inspection."""
+
+    run_id = None
 
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}
@@ -97,6 +101,8 @@ class MlflowTracker:
     def __init__(self, mlflow_module) -> None:
         self._mlflow = mlflow_module
         self._warned = False
+        active = mlflow_module.active_run()
+        self.run_id: str | None = active.info.run_id if active is not None else None
 
     def _call(self, fn, *args, **kwargs) -> None:
         try:
@@ -125,14 +131,26 @@ class MlflowTracker:
 
 
 @contextlib.contextmanager
-def mlflow_run(benchmark: str, run_name: str, stage: str) -> Iterator[Tracker]:
-    """An MLflow run in the benchmark's experiment, tagged with the git commit and the DVC stage."""
+def mlflow_run(benchmark: str, run_name: str, stage: str, resume_id: str | None = None) -> Iterator[Tracker]:
+    """An MLflow run in the benchmark's experiment, tagged with the git commit and the DVC stage;
+    ``resume_id``: the run a resumed stage continues (its checkpoint names it), when the store still
+    has it in this experiment, so one run holds every epoch; else a new run."""
     import mlflow  # imported here: starting MLflow is the CLI's business, not the library's
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-    mlflow.set_experiment(experiment_name(benchmark))
+    experiment = mlflow.set_experiment(experiment_name(benchmark))
     parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
-    with mlflow.start_run(run_name=run_name, parent_run_id=parent, nested=bool(parent)):
+    if resume_id is not None:
+        try:
+            if mlflow.get_run(resume_id).info.experiment_id != experiment.experiment_id:
+                resume_id = None
+        except Exception:  # gone, or another store
+            resume_id = None
+    if resume_id is not None:
+        started = mlflow.start_run(run_id=resume_id, nested=bool(parent))
+    else:
+        started = mlflow.start_run(run_name=run_name, parent_run_id=parent, nested=bool(parent))
+    with started:
         tracker = MlflowTracker(mlflow)
         tracker.set_tags(
             {"git_commit": git_commit(), "mlflow.source.git.commit": git_commit(), "dvc_stage": stage}

@@ -281,6 +281,7 @@ def run(
                     model, ema, optimizer, fingerprint=run_id, epoch=epoch + 1, step=step, history=history
                 ),
                 "best": best,
+                "mlflow_run_id": tracker.run_id,  # a resumed run goes on logging into it
             }
             if is_best:  # first: a run killed between the two redoes this epoch from the previous last.pt
                 training.save_checkpoint(best_path, payload)
@@ -363,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_mlflow or not is_main:
             run(params, loader_params, **kwargs)
         else:
+            last = args.out_dir / "last.pt"
+            resume_id = (
+                training.load_checkpoint(last).get("mlflow_run_id") if args.resume and last.exists() else None
+            )
             with mlflow_run(
-                params.benchmark, f"train_gcn@{args.stream}", f"train_gcn@{args.stream}"
+                params.benchmark, f"train_gcn@{args.stream}", f"train_gcn@{args.stream}", resume_id
             ) as tracker:
                 run(params, loader_params, tracker=tracker, **kwargs)
     except (ParamsError, ValueError, FileNotFoundError) as exc:

@@ -245,6 +245,39 @@ def test_mlflow_logs_params_metrics_and_artifacts(tiny_features, tmp_path, monke
     assert artifacts == {"checkpoints/last.pt"}
 
 
+def test_a_resumed_run_goes_on_logging_into_its_mlflow_run(tiny_features, tmp_path, monkeypatch):
+    """Killed after epoch 1 and resumed, the stage logged into a second run (epoch 2 only) and left the
+    first FAILED or, SIGKILLed, RUNNING: the checkpoint names its run, and --resume reopens it."""
+    import mlflow
+
+    from stages import tracking
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_doc(epochs=2)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    args = ["--params", "params.yaml", "--stream", "joint", "--features-dir", str(tiny_features),
+            "--out-dir", "ck", "--reports-dir", "rep"]  # fmt: skip
+    log_metrics = tracking.MlflowTracker.log_metrics
+
+    def killed_after_epoch_1(self, metrics, step=None):
+        log_metrics(self, metrics, step)
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tracking.MlflowTracker, "log_metrics", killed_after_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            train_gcn.main(args)
+    assert train_gcn.main([*args, "--resume"]) == 0
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("ntu120-xsub").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert training.load_checkpoint(tmp_path / "ck" / "last.pt")["mlflow_run_id"] == run.info.run_id
+
+
 def test_mlflow_tracker_renames_what_mlflow_refuses(tmp_path, monkeypatch):
     """MLflow rejects a whole batch over one name with ``@`` (the pose stages' ``pck@0.2``): the
     tracker logs it as ``pck_0.2``, with the rest of the batch."""
