@@ -64,6 +64,10 @@ def verify(bundle_dir: Path) -> dict:
     if not (bundle_dir / MANIFEST).is_file():
         raise BundleError(f"{bundle_dir}: no {MANIFEST} (not a bundle; run `dvc repro export`)")
     manifest = _read_json(bundle_dir / MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise BundleError(
+            f"{bundle_dir / MANIFEST}: format {manifest.get('format')!r}; this code reads {FORMAT}"
+        )
     listed = manifest.get("files")
     if not isinstance(listed, dict) or META not in listed or LABELS not in listed:
         raise BundleError(f"{bundle_dir / MANIFEST}: must list {META} and {LABELS}")
@@ -71,7 +75,11 @@ def verify(bundle_dir: Path) -> dict:
         if not isinstance(entry, dict):
             raise BundleError(f"{bundle_dir / MANIFEST}: the entry of {name!r} is not an object")
         path = bundle_dir / name
-        if Path(name).name != name or not path.is_file():
+        if Path(name).name != name or name in (".", ".."):
+            raise BundleError(f"{bundle_dir / MANIFEST}: {name!r} is not a file name of the bundle directory")
+        if path.is_symlink():  # its target could be anywhere, and change between the check and the load
+            raise BundleError(f"{path}: a symbolic link; a bundle holds its own files")
+        if not path.is_file():
             raise BundleError(f"{bundle_dir}: {name} is listed in the manifest but missing")
         if sha256_file(path) != entry.get("sha256"):
             raise BundleError(f"{path}: checksum mismatch (altered or corrupt); refusing to load it")
@@ -81,6 +89,6 @@ def verify(bundle_dir: Path) -> dict:
     if not models.get("fp32") or models["fp32"] not in listed:
         raise BundleError(f"{bundle_dir / META}: the fp32 model is not a checksummed file of the bundle")
     for kind, name in models.items():
-        if name is not None and name not in listed:
+        if name is not None and (not isinstance(name, str) or name not in listed):
             raise BundleError(f"{bundle_dir / META}: files.{kind} = {name!r} is not in the manifest")
     return {**meta, "labels": labels}

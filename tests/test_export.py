@@ -252,7 +252,7 @@ def test_bundle_verifies_and_describes_the_model(tiny_bundle):
     assert meta["version"] == bundle.sha256_file(tiny_bundle.bundle_dir / "model.onnx")[:12]
 
 
-@pytest.mark.parametrize("damage", ["alter", "delete", "manifest"])
+@pytest.mark.parametrize("damage", ["alter", "delete", "manifest", "symlink", "format", "kind"])
 def test_bundle_refuses_damage(tiny_bundle, tmp_path, damage):
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle.bundle_dir, copy)
@@ -264,14 +264,28 @@ def test_bundle_refuses_damage(tiny_bundle, tmp_path, damage):
     elif damage == "delete":
         (copy / "labels.json").unlink()
         match = "missing"
-    else:
+    elif damage == "manifest":
         # a file outside the bundle, there and with the right checksum: only verify's refusal of
         # names that are not plain file names of the bundle directory stops it
         (tmp_path / "outside").write_bytes(b"not part of the bundle")
         manifest = json.loads((copy / "manifest.json").read_text())
         manifest["files"]["../outside"] = {"sha256": bundle.sha256_file(tmp_path / "outside")}
         (copy / "manifest.json").write_text(json.dumps(manifest))
-        match = r"\.\./outside is listed in the manifest but missing"
+        match = r"'\.\./outside' is not a file name of the bundle directory"
+    elif damage == "symlink":  # the same bytes, through a link whose target could change after the check
+        shutil.move(copy / "model.onnx", tmp_path / "model.onnx")
+        (copy / "model.onnx").symlink_to(tmp_path / "model.onnx")
+        match = "model.onnx: a symbolic link"
+    elif damage == "format":
+        manifest = json.loads((copy / "manifest.json").read_text())
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
+        match = "format 99; this code reads 1"
+    else:  # bundle.json names its model files by name: a list where a name belongs, checksummed
+        meta = json.loads((copy / "bundle.json").read_text())
+        meta["files"]["solo"] = ["model.solo.onnx"]
+        (copy / "bundle.json").write_text(json.dumps(meta))
+        bundle.write_manifest(copy)
+        match = r"files\.solo = \['model\.solo\.onnx'\] is not in the manifest"
     with pytest.raises(bundle.BundleError, match=match):
         bundle.verify(copy)
     with pytest.raises(bundle.BundleError, match=r"no manifest\.json"):
