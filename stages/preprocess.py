@@ -43,9 +43,12 @@ class ClipLimits:
 
 
 def joints_from_clip(clip, limits: ClipLimits = ClipLimits()) -> np.ndarray:
-    """Validate a client clip ``(T, 25, 3)`` or ``(M, T, 25, 3)`` and return float32 ``(3, T, 25, 2)``.
+    """Validate a client clip ``(T, 25, 3)`` or ``(M, T, 25, 3)`` and return float32 ``(3, T', 25, 2)``.
 
-    Missing persons are zero (the pipeline's convention for an absent actor).
+    Missing persons are zero (the pipeline's convention for an absent actor). As the parse stage
+    prepares a file: frames in which nobody is present (all zero: the padding of a fixed-length
+    array, say) are dropped, so ``T' <= T``, and a body sent in the second slot with the first
+    empty is actor 1 (the clip is centred on actor 1).
     """
     try:
         x = np.asarray(clip, dtype=np.float64)
@@ -85,6 +88,17 @@ def joints_from_clip(clip, limits: ClipLimits = ClipLimits()) -> np.ndarray:
         )
     if not x.any():
         raise ClipError("empty", "every joint of every frame is zero: no body in the clip")
+    present = x.any(axis=(2, 3))  # M, T
+    if not present[0].any():  # only the second slot holds a body: it is actor 1
+        x, present = x[::-1], present[::-1]
+    someone = present.any(axis=0)  # T
+    if not someone.all():
+        x = x[:, someone]
+        frames = x.shape[1]
+        if frames < limits.min_frames:
+            raise ClipError(
+                "empty", f"the clip has {frames} frames with a body; at least {limits.min_frames} needed"
+            )
     out = np.zeros((3, frames, NUM_JOINTS, MAX_PERSONS), dtype=np.float32)
     out[..., :persons] = x.transpose(3, 1, 2, 0)
     return out

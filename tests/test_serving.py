@@ -104,6 +104,28 @@ def test_predict_matches_pytorch_on_the_pipelines_clip(client, files, reference,
     assert top[0]["id"] in (8, 9, 50) and top[0]["probability"] == max(body["probabilities"])
 
 
+def test_empty_frames_and_an_empty_first_slot_are_prepared_as_the_pipeline_prepares_them(client, files):
+    """Frames with nobody in them (the zero padding of a fixed-length NTU array, a pause) are dropped,
+    as the parse stage drops them, and a body sent alone in the second slot is actor 1: the scores are
+    the plain clip's. Before, the clip padded to 300 frames scored another class first (an audit saw
+    hand waving become 'falling'), and the second-slot body was left uncentred."""
+    plain = np.asarray(as_clip(files[ONE][1], 1), dtype=np.float32)  # T, 25, 3
+    t, blank = plain.shape[0], np.zeros((30, 25, 3), np.float32)
+    want = client.post("/v1/predict", json={"clip": plain.tolist()}).json()
+    padded = np.concatenate([plain, np.zeros((300 - t, 25, 3), np.float32)])
+    paused = np.concatenate([blank, plain[: t // 2], blank[:5], plain[t // 2 :]])
+    second = np.stack([np.zeros_like(padded), padded])  # (2, 300, 25, 3): slot 1 empty, then padding
+    for variant in (padded, paused, second):
+        for answer in (
+            client.post("/v1/predict", json={"clip": variant.tolist()}),
+            client.post("/v1/predict", content=_npy(variant), headers=NPY),
+        ):
+            body = answer.json()
+            assert answer.status_code == 200 and body["frames"] == t, body
+            np.testing.assert_allclose(body["scores"], want["scores"], atol=1e-5)
+    _is_error(client.post("/v1/predict", json={"clip": blank.tolist()}), 422, "empty", "no body")
+
+
 def test_predict_gives_the_evaluate_stages_scores_for_a_stored_sample(client, tiny_bundle, reference):
     """A stored test sample sent as a clip scores as the evaluate stage's loader + model score it."""
     ds = SkeletonDataset(
