@@ -124,6 +124,17 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _no_empty_key(cls, value):
+        # An empty key made every HTTP /v1/* request a 401 while a WebSocket sending an empty
+        # api_key was let in: refuse it rather than guess whether it meant "no key"
+        if isinstance(value, str | SecretStr):
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            if not text.strip():
+                raise ValueError("the API key is empty: unset NTU_SERVE_API_KEY to serve without one")
+        return value
+
     @model_validator(mode="after")
     def _no_unknown_variables(self) -> Settings:
         prefix = self.model_config["env_prefix"]

@@ -1014,6 +1014,11 @@ def test_settings_defaults_environment_and_errors(monkeypatch):
     with pytest.raises(ValidationError, match="runtime"):
         Settings()
     monkeypatch.delenv("NTU_SERVE_RUNTIME")
+    for empty in ("", "  "):  # HTTP refused every key while the WebSocket took an empty api_key
+        monkeypatch.setenv("NTU_SERVE_API_KEY", empty)
+        with pytest.raises(ValidationError, match="the API key is empty: unset NTU_SERVE_API_KEY"):
+            Settings()
+    monkeypatch.delenv("NTU_SERVE_API_KEY")
     monkeypatch.setenv("NTU_SERVE_TOPK", "3")  # a typo fails instead of being ignored
     with pytest.raises(ValidationError, match=r"unknown setting.*NTU_SERVE_TOPK.*NTU_SERVE_TOP_K"):
         Settings()
