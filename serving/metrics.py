@@ -59,6 +59,7 @@ class MetricsMiddleware:
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
+        self._paths: frozenset[str] | None = None  # the app's route paths, read at the first need
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,7 +76,25 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = self._route(scope)
             method = scope["method"] if scope["method"] in _METHODS else "other"
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)
+
+    def _route(self, scope: Scope) -> str:
+        """The route's path template; for a request refused before routing (a body over the limit,
+        told by its Content-Length) or answered by a route that does not record itself
+        (``/openapi.json``, ``/docs``), its path when the app has a route of that path (none has
+        parameters); ``unmatched`` for any other path (one label: none per client-chosen URL)."""
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        if self._paths is None:
+            app = scope.get("app")
+            try:
+                paths = set(app.openapi()["paths"]) if hasattr(app, "openapi") else set()
+            except Exception:  # no schema, no paths: everything unrouted stays 'unmatched'
+                paths = set()
+            paths |= {p for r in getattr(app, "routes", ()) if isinstance(p := getattr(r, "path", None), str)}
+            self._paths = frozenset(paths)
+        return scope["path"] if scope.get("path") in self._paths else "unmatched"

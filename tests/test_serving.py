@@ -977,17 +977,25 @@ def test_metrics_count_requests_latency_inference_and_batches(client, clip):
     text = client.get("/metrics").text
     before = metric_value(text, "ntu_serve_requests_total", **unmatched)
     timed_before = metric_value(text, "ntu_serve_request_seconds_count", **route)
+    too_large = metric_value(text, "ntu_serve_requests_total", **route, status="413")
+    schema = metric_value(text, "ntu_serve_requests_total", route="/openapi.json", method="GET", status="200")
     client.post("/v1/predict", json={"clip": clip})
     client.post("/v1/predict", json={"clip": []})
     client.get("/no/such/path")
     client.post("/v1/predict", content=b"x" * 600_000, headers={"Content-Type": "application/json"})
+    client.get("/openapi.json")
     text = client.get("/metrics").text
     assert client.get("/metrics").headers["content-type"].startswith("text/plain")
     assert metric_value(text, "ntu_serve_requests_total", **route, status="200") >= 1
     assert metric_value(text, "ntu_serve_requests_total", **route, status="422") >= 1
     assert metric_value(text, "ntu_serve_requests_total", **unmatched) == before + 1
-    assert metric_value(text, "ntu_serve_requests_total", status="413") >= 1  # refused before routing
-    assert metric_value(text, "ntu_serve_request_seconds_count", **route) == timed_before + 2
+    # refused by its Content-Length before routing, still counted under its route (was 'unmatched')
+    assert metric_value(text, "ntu_serve_requests_total", **route, status="413") == too_large + 1
+    assert metric_value(text, "ntu_serve_request_seconds_count", **route) == timed_before + 3
+    assert (
+        metric_value(text, "ntu_serve_requests_total", route="/openapi.json", method="GET", status="200")
+        == schema + 1
+    )
     assert metric_value(text, "ntu_serve_inference_seconds_count") >= 1
     assert metric_value(text, "ntu_serve_batch_clips_count") >= 1
     assert metric_value(text, "ntu_serve_model_ready") == 1.0
