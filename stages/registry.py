@@ -156,7 +156,7 @@ def registry_run(benchmark: str, run_name: str, stage: str) -> Iterator[MlflowRe
         try:
             import mlflow
 
-            tracker = stack.enter_context(mlflow_run(benchmark, run_name, stage))
+            tracker = stack.enter_context(mlflow_run(benchmark, run_name, stage, required=True))
         except Exception as exc:  # an unreachable, locked or unwritable store
             raise RegistryError(f"cannot open a run in the MLflow store {uri}: {exc}") from None
         yield MlflowRegistry(mlflow, tracker, uri)

@@ -131,25 +131,40 @@ class MlflowTracker:
 
 
 @contextlib.contextmanager
-def mlflow_run(benchmark: str, run_name: str, stage: str, resume_id: str | None = None) -> Iterator[Tracker]:
+def mlflow_run(
+    benchmark: str, run_name: str, stage: str, resume_id: str | None = None, *, required: bool = False
+) -> Iterator[Tracker]:
     """An MLflow run in the benchmark's experiment, tagged with the git commit and the DVC stage;
     ``resume_id``: the run a resumed stage continues (its checkpoint names it), when the store still
-    has it in this experiment, so one run holds every epoch; else a new run."""
+    has it in this experiment, so one run holds every epoch; else a new run. A store that cannot be
+    opened (unreachable, locked) is reported and the stage goes on untracked (a
+    :class:`NullTracker`), unless ``required`` (the package stage: registering is its job)."""
     import mlflow  # imported here: starting MLflow is the CLI's business, not the library's
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-    experiment = mlflow.set_experiment(experiment_name(benchmark))
-    parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
-    if resume_id is not None:
-        try:
-            if mlflow.get_run(resume_id).info.experiment_id != experiment.experiment_id:
+    try:
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+        experiment = mlflow.set_experiment(experiment_name(benchmark))
+        parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
+        if resume_id is not None:
+            try:
+                if mlflow.get_run(resume_id).info.experiment_id != experiment.experiment_id:
+                    resume_id = None
+            except Exception:  # gone, or another store
                 resume_id = None
-        except Exception:  # gone, or another store
-            resume_id = None
-    if resume_id is not None:
-        started = mlflow.start_run(run_id=resume_id, nested=bool(parent))
-    else:
-        started = mlflow.start_run(run_name=run_name, parent_run_id=parent, nested=bool(parent))
+        if resume_id is not None:
+            started = mlflow.start_run(run_id=resume_id, nested=bool(parent))
+        else:
+            started = mlflow.start_run(run_name=run_name, parent_run_id=parent, nested=bool(parent))
+    except Exception as exc:  # MLflow raises many kinds (MlflowException, OSError, HTTP errors)
+        if required:
+            raise
+        print(
+            f"warning: MLflow tracking is unavailable ({type(exc).__name__}: {str(exc)[:300]}); "
+            f"{stage} goes on without it",
+            file=sys.stderr,
+        )
+        yield NullTracker()
+        return
     with started:
         tracker = MlflowTracker(mlflow)
         tracker.set_tags(

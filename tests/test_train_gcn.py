@@ -278,6 +278,24 @@ def test_a_resumed_run_goes_on_logging_into_its_mlflow_run(tiny_features, tmp_pa
     assert training.load_checkpoint(tmp_path / "ck" / "last.pt")["mlflow_run_id"] == run.info.run_id
 
 
+def test_an_mlflow_store_that_cannot_be_opened_does_not_stop_a_stage(tmp_path, monkeypatch, capsys):
+    """The module promises it; a store unreachable at the start raised out of the stage (rc 1 with a
+    traceback, the orchestration audit). Only the package stage, whose job is the registry, fails."""
+    from stages import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with tracking.mlflow_run("ntu120_xsub", "evaluate", "evaluate") as tracker:
+        assert isinstance(tracker, tracking.NullTracker) and tracker.run_id is None
+    assert "MLflow tracking is unavailable" in capsys.readouterr().err
+    with (
+        pytest.raises(Exception, match=r"127\.0\.0\.1"),
+        tracking.mlflow_run("ntu120_xsub", "p", "p", required=True),
+    ):
+        pass
+
+
 def test_mlflow_tracker_renames_what_mlflow_refuses(tmp_path, monkeypatch):
     """MLflow rejects a whole batch over one name with ``@`` (the pose stages' ``pck@0.2``): the
     tracker logs it as ``pck_0.2``, with the rest of the batch."""
