@@ -65,13 +65,22 @@ class Decision:
     reason: str
 
 
-def decide(top1: float, benchmark: str, champion: ModelVersion | None) -> Decision:
-    """Whether a new version with fused ``top1`` on ``benchmark`` becomes the champion.
+def class_ids(meta: dict) -> str:
+    """The NTU action ids a bundle classifies, in its label order: ``"8,9,50"`` (a registry tag)."""
+    return ",".join(str(int(label["id"])) for label in meta["labels"])
+
+
+def decide(
+    top1: float, benchmark: str, champion: ModelVersion | None, classes: str | None = None
+) -> Decision:
+    """Whether a new version with fused ``top1`` on ``benchmark`` (classifying ``classes``, as
+    :func:`class_ids` writes them) becomes the champion.
 
     It does when there is no champion, or when ``top1`` is at least the champion's on the same
-    benchmark (a tie promotes: the newer model is the one the current code and data produce). A champion
-    measured on another benchmark, or without a recorded top-1, cannot be compared: the new version
-    stays a candidate rather than silently replacing a model judged on another test set.
+    benchmark and classes (a tie promotes: the newer model is the one the current code and data
+    produce). A champion measured on another benchmark or over other classes (the synthetic corpus's
+    16 against real NTU-120's 120, say), or without a recorded top-1, cannot be compared: the new
+    version stays a candidate rather than silently replacing a model judged on another test set.
     """
     if champion is None:
         return Decision(True, "no champion yet")
@@ -81,6 +90,14 @@ def decide(top1: float, benchmark: str, champion: ModelVersion | None) -> Decisi
             False,
             f"{held} was evaluated on {champion.benchmark or 'an unrecorded benchmark'}, this one on "
             f"{benchmark}: their top-1 cannot be compared; move the alias by hand if this is intended",
+        )
+    if classes is not None and champion.classes is not None and champion.classes != classes:
+        theirs, ours = champion.classes.split(","), classes.split(",")
+        return Decision(
+            False,
+            f"{held} classifies other actions ({len(theirs)} classes, this one {len(ours)}; other data "
+            "or another parse.classes): their top-1 cannot be compared; move the alias by hand if this "
+            "is intended",
         )
     if champion.top1 is None:
         return Decision(False, f"{held} has no recorded top-1 to compare with; move the alias by hand")
@@ -157,10 +174,12 @@ def run(
     tracker = tracker or NullTracker()
     name, benchmark, top1 = submission.name, submission.benchmark, submission.top1
     champion = registry.version_with_alias(name, params.alias)
-    decision = decide(top1, benchmark, champion)
+    classes = class_ids(submission.meta)
+    decision = decide(top1, benchmark, champion, classes)
     tags = {
         "benchmark": benchmark,
         "top1": str(top1),
+        "classes": classes,
         "bundle_version": submission.meta["version"],
         "checkpoint_sha256": bundle.sha256_file(submission.checkpoint),
     }

@@ -43,6 +43,7 @@ class ModelVersion:
     version: str
     benchmark: str | None
     top1: float | None
+    classes: str | None = None  # the NTU action ids it classifies, "8,9,50" (None: not recorded)
 
 
 class Registry(Protocol):
@@ -113,7 +114,9 @@ class MlflowRegistry:
                 return None
             found = self._client.get_model_version(name, str(aliases[alias]))
         tags = found.tags or {}
-        return ModelVersion(str(found.version), tags.get("benchmark"), _float_or_none(tags.get("top1")))
+        return ModelVersion(
+            str(found.version), tags.get("benchmark"), _float_or_none(tags.get("top1")), tags.get("classes")
+        )
 
     def register(
         self, name: str, bundle_dir: Path, checkpoint: Path, meta: dict, tags: dict[str, str]

@@ -40,11 +40,20 @@ def test_at_least_the_champions_top1_promotes(top1, promote):
         (ModelVersion("2", "ntu120_xset", 0.5), "evaluated on ntu120_xset, this one on ntu120_xsub"),
         (ModelVersion("2", None, 0.5), "an unrecorded benchmark"),
         (ModelVersion("2", BENCHMARK, None), "no recorded top-1"),
+        # the synthetic corpus's champion (3 classes here) against a model of other classes: the real
+        # NTU-120 model would never have beaten the synthetic 0.97 (an orchestration audit)
+        (ModelVersion("2", BENCHMARK, 0.5, "8,9,10"), "classifies other actions (3 classes, this one 2"),
     ],
 )
 def test_a_champion_that_cannot_be_compared_keeps_the_alias(champion, words):
-    decision = decide(0.99, BENCHMARK, champion)
+    decision = decide(0.99, BENCHMARK, champion, "8,9")
     assert not decision.promote and words in decision.reason and "by hand" in decision.reason
+
+
+def test_the_same_classes_or_an_unrecorded_set_compare_by_top1():
+    assert decide(0.99, BENCHMARK, ModelVersion("2", BENCHMARK, 0.5, "8,9,50"), "8,9,50").promote
+    assert decide(0.99, BENCHMARK, ModelVersion("2", BENCHMARK, 0.5), "8,9,50").promote  # older versions
+    assert not decide(0.4, BENCHMARK, ModelVersion("2", BENCHMARK, 0.5, "8,9,50"), "8,9,50").promote
 
 
 @pytest.mark.parametrize("alias", ["latest", "V2", "two words", ""])
@@ -185,7 +194,7 @@ def test_better_versions_become_champion_and_worse_stay_candidates(registry):
     assert (
         tags[3]["top1"] == "0.6" and tags[3]["benchmark"] == BENCHMARK and tags[3]["bundle_version"] == "b3"
     )
-    assert tags[3]["git_commit"]
+    assert tags[3]["git_commit"] and tags[3]["classes"] == "8,9,50"  # the promotion rule compares it
     run = client.get_run(client.get_model_version(NAME, "3").run_id)
     assert run.data.tags["dvc_stage"] == "package" and run.data.tags["package.status"] == "champion"
     assert client.get_experiment(run.info.experiment_id).name == "ntu120-xsub"
