@@ -8,6 +8,7 @@ explicit values (tests); ``serving.app:app`` reads the environment.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
+
+
+_WITHOUT_ENVIRONMENT = contextvars.ContextVar("settings_without_environment", default=False)
 
 
 class Settings(BaseSettings):
@@ -119,6 +123,18 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, description="most clips in one grouped model call")
 
+    @classmethod
+    def without_environment(cls, **values) -> Settings:
+        """These values over the defaults, no ``NTU_SERVE_*`` variable read: for the pipeline's stages,
+        whose outputs must not depend on a server's environment that DVC cannot see (an exported
+        ``NTU_SERVE_MODEL_URI`` made evaluate_video score the registry's champion instead of its
+        bundles). Validated as the environment's values are."""
+        token = _WITHOUT_ENVIRONMENT.set(True)
+        try:
+            return cls.model_validate({**cls.model_construct().model_dump(), **values})
+        finally:
+            _WITHOUT_ENVIRONMENT.reset(token)
+
     @field_validator("video_bundle_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
@@ -137,6 +153,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_unknown_variables(self) -> Settings:
+        if _WITHOUT_ENVIRONMENT.get():
+            return self
         prefix = self.model_config["env_prefix"]
         fields = type(self).model_fields
         unknown = sorted(

@@ -157,11 +157,13 @@ def run(
     if not chosen:  # e.g. a corpus rendered for a few classes only: nothing to measure is not an error
         print(f"evaluate_video: no held-out ({params.benchmark} test) video with a .skeleton in {video_dir}")
     pose = PoseRuntime.load(Path(pose_dir), threads=params.threads)
-    model = load_action_model(Settings(bundle_dir=Path(bundle_dir), workers=1, threads=params.threads))
+    model = load_action_model(
+        Settings.without_environment(bundle_dir=Path(bundle_dir), workers=1, threads=params.threads)
+    )
     video_model = model
     if video_bundle_dir is not None:
         video_model = load_action_model(
-            Settings(bundle_dir=Path(video_bundle_dir), workers=1, threads=params.threads)
+            Settings.without_environment(bundle_dir=Path(video_bundle_dir), workers=1, threads=params.threads)
         )
     options = VideoOptions(threshold=params.threshold, flip_test=params.flip_test, window=0)
     rows, totals, seconds, frames = [], {}, 0.0, 0

@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1030,6 +1031,21 @@ def test_settings_defaults_environment_and_errors(monkeypatch):
     monkeypatch.setenv("NTU_SERVE_TOPK", "3")  # a typo fails instead of being ignored
     with pytest.raises(ValidationError, match=r"unknown setting.*NTU_SERVE_TOPK.*NTU_SERVE_TOP_K"):
         Settings()
+    # the pipeline's stages take no server variable (evaluate_video scored the registry's champion
+    # when NTU_SERVE_MODEL_URI was exported), nor trip on one
+    monkeypatch.setenv("NTU_SERVE_MODEL_URI", "models:/ntu120-ctrgcn@champion")
+    monkeypatch.setenv("NTU_SERVE_RUNTIME", "int8")
+    staged = Settings.without_environment(bundle_dir=Path("b"), threads=2)
+    assert (staged.model_uri, staged.runtime, staged.bundle_dir, staged.threads) == (
+        None,
+        "auto",
+        Path("b"),
+        2,
+    )
+    with pytest.raises(ValidationError, match="threads"):
+        Settings.without_environment(threads=-1)  # the values themselves are still validated
+    monkeypatch.delenv("NTU_SERVE_MODEL_URI")
+    monkeypatch.delenv("NTU_SERVE_RUNTIME")
     monkeypatch.delenv("NTU_SERVE_TOPK")
 
     served = {}
