@@ -304,7 +304,12 @@ async def predict_file(request: Request, service: Service_) -> Response:
     async with request.form(max_files=1, max_fields=4) as form:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise ApiError(422, "missing_file", "no file in the multipart field 'file' (the .skeleton file)")
+            raise ApiError(
+                422,
+                "missing_file",
+                "no file in the multipart field 'file' (the .skeleton file; a body cut short before its "
+                "closing boundary has none)",
+            )
         data = await upload.read()
     prediction = await service.predict_prepared(lambda: service.prepare_file(data))  # RejectedInput -> 422
     return answer(service, prediction)
@@ -336,7 +341,10 @@ async def predict_video(request: Request, service: Service_, skeletons: bool = F
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ApiError(
-                422, "missing_file", "no file in the multipart field 'file' (an .avi or .mp4 video)"
+                422,
+                "missing_file",
+                "no file in the multipart field 'file' (an .avi or .mp4 video; a body cut short before "
+                "its closing boundary has none)",
             )
         skeletons = skeletons or _flag(form.get("skeletons"))
         if video_io.upload_suffix(upload.filename, upload.content_type) is None:

@@ -381,14 +381,24 @@ def skeleton_from_file(
     with open_video(path, options.max_frames, options.fps) as (info, frames):
         if mirror:
             frames = (np.ascontiguousarray(frame[:, ::-1]) for frame in frames)
-        skeleton = video_to_skeleton(
-            frames,
-            runtime,
-            camera,
-            threshold=options.threshold,
-            flip_test=options.flip_test,
-            min_frames=options.min_frames,
-        )
+        try:
+            skeleton = video_to_skeleton(
+                frames,
+                runtime,
+                camera,
+                threshold=options.threshold,
+                flip_test=options.flip_test,
+                min_frames=options.min_frames,
+            )
+        except VideoError as exc:
+            if exc.code != "too_short" or not info.resampled:
+                raise
+            # the count is after resampling: say what the file holds (20 frames at 10^6 fps are 1)
+            raise VideoError(
+                exc.code,
+                f"{exc.message}; counted at {info.analysed_fps:g} fps: the file's {info.declared_frames} "
+                f"frames at {info.fps:g} fps last {info.declared_frames / info.fps:.2f} s",
+            ) from None
     return info, skeleton
 
 

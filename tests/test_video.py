@@ -337,6 +337,12 @@ def test_video_errors_say_what_was_wrong(runtime, clip_path, tmp_path):
 
     short = write_video(tmp_path / "short.avi", stick_figure_frames(10))
     assert code(short) == ("too_short", "the video has 10 frames; at least 16 are needed (0.5 s at 30 fps)")
+    fast = write_video(tmp_path / "fast.avi", stick_figure_frames(20), fps=1000)  # 0.02 s: 1 frame at 30 fps
+    assert code(fast) == (
+        "too_short",
+        "the video has 1 frames; at least 16 are needed (0.5 s at 30 fps); counted at 30 fps: the file's "
+        "20 frames at 1000 fps last 0.02 s",
+    )
     assert code(clip_path, threshold=0.99)[0] == "no_person"  # the untrained centre map is 0.953
     assert "threshold 0.99" in code(clip_path, threshold=0.99)[1]
     assert code(clip_path, max_frames=30) == ("too_long", "the video has 40 frames; at most 30 are analysed")
