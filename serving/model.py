@@ -28,6 +28,7 @@ import numpy as np
 
 from stages import bundle, export
 from stages.dataset import LoaderParams
+from stages.denoise import COMPLETE, DENOISE_MODES
 from stages.params import ParamsError, from_mapping, usable_cpus
 from stages.registry import BUNDLE_DIR
 from stages.tracking import DEFAULT_TRACKING_URI
@@ -58,6 +59,7 @@ class LoadedModel:
     source: str
     workers: int = 1  # calls of ``run`` that may run at once
     cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    denoise: str = COMPLETE  # the parse stage's mode for uploaded .skeleton files
 
     @property
     def labels(self) -> list[dict]:
@@ -214,6 +216,15 @@ def load(settings: Settings) -> LoadedModel:
             loader = from_mapping("loader", LoaderParams, meta["sampling"])
         except (ParamsError, KeyError, TypeError) as exc:
             raise ModelError(f"{bundle_dir}: bundle.json sampling is not a loader section ({exc})") from None
+        normalisation = meta.get("normalisation", {})
+        if not isinstance(normalisation, dict):
+            raise ModelError(f"{bundle_dir}: bundle.json normalisation is not an object")
+        view_align = bool(normalisation.get("view_align", False))
+        denoise = normalisation.get("denoise", COMPLETE)  # absent: the default mode
+        if denoise not in DENOISE_MODES:
+            raise ModelError(
+                f"{bundle_dir}: bundle.json normalisation.denoise is {denoise!r}, not one of {DENOISE_MODES}"
+            )
         cores = usable_cpus()
         workers = settings.workers or (cores if ort_providers()[0] == "CPUExecutionProvider" else 1)
         threads = settings.threads or max(1, cores // workers)
@@ -222,8 +233,7 @@ def load(settings: Settings) -> LoadedModel:
     except BaseException:
         cleanup.close()
         raise
-    view_align = bool(meta.get("normalisation", {}).get("view_align", False))
     if info["kind"] == "tensorrt":  # one CUDA context and stream: not safe from several threads
         workers, threads = 1, 0
     info = {**info, "threads": threads, "workers": workers}
-    return LoadedModel(meta, loader, view_align, run, info, source, workers, cleanup)
+    return LoadedModel(meta, loader, view_align, run, info, source, workers, cleanup, denoise)

@@ -194,7 +194,8 @@ class Service:
 
     def prepare_file(self, data: bytes) -> tuple[np.ndarray, int]:
         """A raw ``.skeleton`` file -> (model clips, frames), parsed, denoised and checked as a clip."""
-        joints = preprocess.joints_from_skeleton_file(data)  # (3, T, 25, 2), the parse stage's actors
+        m = self.require()
+        joints = preprocess.joints_from_skeleton_file(data, m.denoise)  # (3, T, 25, 2), as parse does
         joints = preprocess.joints_from_clip(joints.transpose(3, 1, 2, 0), self.limits)  # the same limits
         return self.prepare_joints(joints), joints.shape[1]
 

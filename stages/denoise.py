@@ -15,11 +15,13 @@ and most later work reuse), so the tensors match the public pipelines:
 
 A file from which no body survives is rejected with the reason (the reference crashes on it).
 
-One deliberate difference: the reference starts actor 2's interval at a virtual ``[0, 0]`` and
-widens it with ``min(start, start2)``, so actor 2 always "starts" at frame 0 and a second person whose
-Kinect id changes mid-sequence loses every frame before the change (the earlier body is discarded as
-overlapping both actors). Here actor 2's interval starts empty, so both halves of that person are kept;
-everything else matches the reference frame for frame.
+One difference by default (``denoise="complete"``): the reference starts actor 2's interval at a
+virtual ``[0, 0]`` and widens it with ``min(start, start2)``, so actor 2 always "starts" at frame 0 and
+a second person whose Kinect id changes mid-sequence loses every frame before the change when the later
+body has more motion (the earlier one is discarded as overlapping both actors). Here actor 2's interval
+starts empty, so both halves of that person are kept; everything else matches the reference frame for
+frame. ``denoise="reference"`` reproduces the reference in that case too (the ``parse.denoise`` param),
+for tensors identical to the public pipelines'.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ NOISE_LENGTH_THRESHOLD = 11  # bodies seen in <= 11 frames are noise
 NOISE_SPREAD_RATIO = 0.8  # a frame is noisy when x-range > 0.8 * y-range
 NOISE_SPREAD_FRACTION = 0.69754  # a body is noise when this fraction of its frames is noisy
 MAX_ACTORS = 2
+COMPLETE, REFERENCE = "complete", "reference"  # how actor 2's interval starts (module docstring)
+DENOISE_MODES = (COMPLETE, REFERENCE)
 
 
 class DenoiseError(RejectedInput):
@@ -174,10 +178,13 @@ class _Assignment:
     dropped_by_overlap: int = 0
 
 
-def _assign(raw: RawSkeleton, true_spans: bool = False) -> _Assignment:
+def _assign(raw: RawSkeleton, true_spans: bool = False, denoise: str = COMPLETE) -> _Assignment:
     """Steps 2 and 3 of the module docstring: which bodies become actor 1 and actor 2; with
     ``true_spans`` a body's interval runs from its first to its last frame (not the reference's
-    contiguous run from its first frame), for bodies that leave and come back."""
+    contiguous run from its first frame), for bodies that leave and come back. ``denoise``: one of
+    :data:`DENOISE_MODES` (the module docstring)."""
+    if denoise not in DENOISE_MODES:
+        raise ValueError(f"denoise must be one of {DENOISE_MODES}, got {denoise!r}")
     if raw.body_ids.size == 0:
         raise DenoiseError("no_body", f"no body in any of the {raw.declared_frames} frames")
     bodies, num_frames = _group_bodies(raw, true_spans)
@@ -187,7 +194,8 @@ def _assign(raw: RawSkeleton, true_spans: bool = False) -> _Assignment:
     actor1, rest = ranked[0], ranked[1:]
     out = _Assignment(bodies, num_frames, [[actor1], []], by_length, by_spread)
     start1, end1 = actor1.start, actor1.end
-    interval2: tuple[int, int] | None = None  # actor 2 starts empty (see the module docstring)
+    # Actor 2's interval: empty, or the reference's virtual [0, 0] (see the module docstring).
+    interval2: tuple[int, int] | None = (0, 0) if denoise == REFERENCE else None
     for body in rest:
         if min(end1, body.end) - max(start1, body.start) <= 0:  # no overlap with actor 1
             out.actors[0].append(body)
@@ -222,9 +230,10 @@ def actor_records(raw: RawSkeleton, true_spans: bool = False) -> list[np.ndarray
     return out
 
 
-def select_actors(raw: RawSkeleton) -> Selection:
-    """Denoise the bodies of ``raw`` and return at most two actors (see the module docstring)."""
-    a = _assign(raw)
+def select_actors(raw: RawSkeleton, denoise: str = COMPLETE) -> Selection:
+    """Denoise the bodies of ``raw`` and return at most two actors (see the module docstring;
+    ``denoise``: ``"complete"`` or ``"reference"``)."""
+    a = _assign(raw, denoise=denoise)
     values = raw.values  # R, 25, 7
     out = np.zeros((a.num_frames, NUM_JOINTS, values.shape[2], MAX_ACTORS), dtype=np.float32)
     for actor, bodies in enumerate(a.actors):

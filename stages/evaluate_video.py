@@ -179,7 +179,7 @@ def run(
             "reason": "",
         }
         try:
-            true_joints = joints_from_skeleton_file(data)
+            true_joints = joints_from_skeleton_file(data, model.denoise)
             row["skeleton_pred"] = top1(model, true_joints)
             row["skeleton_pred_video_model"] = top1(video_model, true_joints)
         except RejectedInput as exc:

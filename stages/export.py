@@ -49,8 +49,10 @@ from models.skeleton import MAX_PERSONS, NUM_JOINTS
 from models.two_stream import MultiStream, SoloStreams
 from stages import bundle
 from stages.dataset import LoaderParams, SkeletonDataset
+from stages.denoise import COMPLETE
 from stages.features import FeaturesParams
 from stages.params import ParamsError, load_section, usable_cpus
+from stages.parse import ParseParams
 from stages.store import atomic_directory, write_metrics
 
 INPUT, OUTPUT = "joints", "scores"
@@ -443,6 +445,7 @@ def run(
     features_dir: Path,
     out_dir: Path,
     metrics_path: Path | None = None,
+    denoise: str = COMPLETE,
 ) -> dict:
     """Export, check and bundle; returns the report (also written to ``metrics_path``)."""
     model, meta = load_fused(model_path)
@@ -554,7 +557,7 @@ def run(
             report["tensorrt"] = f"skipped ({reason})"
             print(f"export: tensorrt: {report['tensorrt']}")
 
-        write_bundle(work, params, meta, loader, features_params, files, report)
+        write_bundle(work, params, meta, loader, features_params, files, report, denoise)
     if metrics_path is not None:
         write_metrics(metrics_path, report)
     return report
@@ -604,8 +607,10 @@ def write_bundle(
     features_params: FeaturesParams,
     files: dict,
     report: dict,
+    denoise: str = COMPLETE,
 ) -> dict:
-    """Write ``labels.json``, ``bundle.json`` and the manifest beside the model files in ``work``."""
+    """Write ``labels.json``, ``bundle.json`` and the manifest beside the model files in ``work``.
+    ``denoise``: the parse stage's mode, which the server applies to uploaded ``.skeleton`` files."""
     labels = [
         {"index": i, "id": int(cid), "name": name}
         for i, (cid, name) in enumerate(zip(meta["class_ids"], meta["class_names"], strict=True))
@@ -635,6 +640,9 @@ def write_bundle(
         "normalisation": {
             "centre": "actor 1 spine-middle, first frame",
             "view_align": features_params.view_align,
+            # The parse stage's denoising of .skeleton files; absent means "complete", so bundles
+            # exported before the mode existed (and the default ones) stay as they were.
+            **({"denoise": denoise} if denoise != COMPLETE else {}),
         },
         "sampling": dataclasses.asdict(loader),
         "files": files,
@@ -660,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             params = dataclasses.replace(params, name=args.name)
         loader = load_section(args.params, "loader", LoaderParams)
         features_params = load_section(args.params, "features", FeaturesParams)
+        denoise = load_section(args.params, "parse", ParseParams).denoise
         run(
             params,
             loader,
@@ -668,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             features_dir=args.features_dir,
             out_dir=args.out_dir,
             metrics_path=args.metrics,
+            denoise=denoise,
         )
     except (ParamsError, ExportError, FileNotFoundError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)

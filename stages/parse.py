@@ -56,6 +56,9 @@ class ParseParams:
     chunk_samples: int = 64
     codec: Literal["lz4", "zstd"] = "lz4"
     compression_level: int = 5
+    # "complete": a second person whose Kinect id changes mid-sequence keeps both halves; "reference":
+    # CTR-GCN's get_raw_denoised_data.py frame for frame, which drops the earlier half in that case.
+    denoise: Literal["complete", "reference"] = "complete"
 
     def validate(self) -> None:
         if self.classes != "all":
@@ -113,6 +116,7 @@ class _Settings:
     labels: dict[int, int]  # action id -> 0-based label
     missing: frozenset[str]
     raw_dir: str
+    denoise: str = "complete"  # stages.denoise.DENOISE_MODES
 
 
 _settings: _Settings | None = None
@@ -161,7 +165,7 @@ def process_file(path: str, settings: _Settings) -> tuple[dict, np.ndarray | Non
     row["raw_frames"] = raw.declared_frames
     row["body_frames"] = int(np.count_nonzero(raw.body_counts))
     try:
-        chosen = select_actors(raw)
+        chosen = select_actors(raw, settings.denoise)
     except DenoiseError as exc:
         row["bodies_seen"] = len(np.unique(raw.body_ids))
         return _reject(row, "rejected", exc.code, exc.message)
@@ -380,6 +384,7 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
         labels={action: label for label, action in enumerate(class_ids)},
         missing=ntu_files.missing_samples(params.dataset) if params.dataset != "synthetic" else frozenset(),
         raw_dir=str(raw_dir),
+        denoise=params.denoise,
     )
     workers = params.workers or max(usable_cpus() - 1, 1)
     with atomic_directory(out_dir) as tmp:

@@ -23,7 +23,7 @@ import numpy as np
 
 from models.skeleton import MAX_PERSONS, NUM_JOINTS
 from stages.dataset import LoaderParams, sample_clips
-from stages.denoise import select_actors
+from stages.denoise import COMPLETE, select_actors
 from stages.errors import RejectedInput
 from stages.features import normalise
 from stages.skeleton_text import parse_skeleton
@@ -104,10 +104,11 @@ def joints_from_clip(clip, limits: ClipLimits = ClipLimits()) -> np.ndarray:
     return out
 
 
-def joints_from_skeleton_file(data: bytes) -> np.ndarray:
+def joints_from_skeleton_file(data: bytes, denoise: str = COMPLETE) -> np.ndarray:
     """A raw NTU ``.skeleton`` file's selected actors, float32 ``(3, T, 25, 2)``, as the parse stage
-    selects them. Raises :class:`~stages.errors.RejectedInput` (the parser's or denoiser's reason)."""
-    return select_actors(parse_skeleton(data)).joints
+    selects them (``denoise``: its ``parse.denoise`` mode). Raises
+    :class:`~stages.errors.RejectedInput` (the parser's or denoiser's reason)."""
+    return select_actors(parse_skeleton(data), denoise).joints
 
 
 def prepare(joints: np.ndarray, loader: LoaderParams, view_align: bool = False) -> np.ndarray:

@@ -46,3 +46,22 @@ def moving(template: np.ndarray, frames: int, amplitude: float, seed: int = 0) -
     t = np.arange(frames)[:, None, None]
     offset = amplitude * np.sin(t / 5.0) * np.array([1.0, 0.2, 0.1])
     return template[None] + offset + rng.normal(0, 0.002, (frames, 25, 3))
+
+
+def second_person_id_switch(frames: int = 40) -> bytes:
+    """Two people; the second one's Kinect id changes halfway and its later body moves more than its
+    earlier one, so CTR-GCN's preparation (``denoise="reference"``) drops the earlier half of person 2
+    and the default (``"complete"``) keeps both halves. Person 1 (one id) moves most."""
+    from stages.skeleton_text import format_skeleton
+
+    half = frames // 2
+    first = moving(STANDING, frames, 0.3, 1)
+    early = moving(STANDING + np.array([1.0, 0, 0.2]), half, 0.02, 2)
+    late = moving(STANDING + np.array([1.0, 0, 0.2]), frames - half, 0.1, 3)
+    ids = (72057594037931101, 72057594037931107, 72057594037931109)
+    return format_skeleton(
+        [
+            [body(ids[0], first[t]), body(ids[1], early[t]) if t < half else body(ids[2], late[t - half])]
+            for t in range(frames)
+        ]
+    )

@@ -7,7 +7,7 @@ import pytest
 
 from stages.denoise import DenoiseError, actor_records, select_actors
 from stages.skeleton_text import format_skeleton, parse_skeleton
-from tests.factory import FLAT, STANDING, as_written, body, moving
+from tests.factory import FLAT, STANDING, as_written, body, moving, second_person_id_switch
 
 A, B, C, D = 72057594037931101, 72057594037931102, 72057594037931103, 72057594037931104
 
@@ -176,8 +176,23 @@ def test_matches_the_ctrgcn_reference_on_random_files():
         outcomes["same"] += 1
         original = prepare(data.decode(), actor2_virtual_start=True)
         outcomes["actor2_differs"] += not np.array_equal(got, original)
+        exact = select_actors(parse_skeleton(data), "reference").joints  # the reference, frame for frame
+        assert np.array_equal(exact.transpose(1, 3, 2, 0).reshape(exact.shape[1], 150), original)
     assert outcomes["same"] > 200 and outcomes["rejected"] > 0
     assert 0 < outcomes["actor2_differs"] < 0.2 * outcomes["same"]  # the documented deviation, rarely
+
+
+def test_a_second_person_whose_id_changes_keeps_both_halves_unless_reference():
+    """The one difference from CTR-GCN's preparation, and ``denoise="reference"`` removing it."""
+    raw = parse_skeleton(second_person_id_switch(40))
+    complete, reference = select_actors(raw), select_actors(raw, "reference")
+    frames_of_person_2 = [int(s.joints[..., 1].any(axis=(0, 2)).sum()) for s in (complete, reference)]
+    assert frames_of_person_2 == [40, 20]
+    assert (complete.dropped_by_overlap, reference.dropped_by_overlap) == (0, 1)
+    assert np.array_equal(complete.joints[:, 20:], reference.joints[:, 20:])  # the later half: same
+    assert np.array_equal(complete.joints[..., 0], reference.joints[..., 0])  # person 1: same
+    with pytest.raises(ValueError, match="denoise must be one of"):
+        select_actors(raw, "ctrgcn")
 
 
 def test_actor_records_are_the_bodies_select_actors_places():

@@ -294,15 +294,38 @@ def test_bundle_refuses_damage(tiny_bundle, tmp_path, damage):
 
 def test_cli_rejects_bad_params(tmp_path):
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
-    doc["export"]["opset"] = 11
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.export", "--params", str(tmp_path / "params.yaml"),
-         "--model", "x.pt", "--features-dir", "f", "--out-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+
+    def export_with(**changes):
+        for section, values in changes.items():
+            doc[section].update(values)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+        return subprocess.run(
+            [sys.executable, "-m", "stages.export", "--params", str(tmp_path / "params.yaml"),
+             "--model", "x.pt", "--features-dir", "f", "--out-dir", str(tmp_path / "out")],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+
+    proc = export_with(export={"opset": 11})
     assert proc.returncode == 2 and "opset: 17 or newer" in proc.stderr
     assert not (tmp_path / "out").exists()
+    # The stage reads the parse stage's denoise mode for the bundle, and checks it.
+    proc = export_with(export={"opset": 17}, parse={"denoise": "ctrgcn"})
+    assert proc.returncode == 2 and "denoise" in proc.stderr and "ctrgcn" in proc.stderr
+
+
+def test_the_bundle_names_the_parse_stages_denoise_mode_unless_default(tmp_path):
+    """The server denoises uploads as the bundle says; the default is left out, so default bundles
+    are byte for byte what they were before the mode existed."""
+    meta = {"class_ids": [8], "class_names": ["sitting down"], "benchmark": "ntu120-xsub",
+            "streams": ["joint"], "fusion": "sum", "weights": [1.0]}  # fmt: skip
+    for mode in ("complete", "reference"):
+        work = tmp_path / mode
+        work.mkdir()
+        (work / "model.onnx").write_bytes(b"not a graph")
+        export.write_bundle(work, export.ExportParams(), meta, LoaderParams(), FeaturesParams(),
+                            {"fp32": "model.onnx"}, {}, mode)  # fmt: skip
+        written = json.loads((work / bundle.META).read_text())["normalisation"]
+        assert written.get("denoise") == (None if mode == "complete" else "reference")
 
 
 # ---- the shared clip input path ------------------------------------------------------------

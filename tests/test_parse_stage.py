@@ -14,7 +14,7 @@ from stages import parse
 from stages.denoise import select_actors
 from stages.skeleton_text import format_skeleton, parse_skeleton
 from stages.store import open_store
-from tests.factory import STANDING, body, moving
+from tests.factory import STANDING, body, moving, second_person_id_switch
 
 ID = 72057594037931101
 
@@ -209,7 +209,7 @@ def test_failed_run_leaves_previous_output_untouched(tmp_path, monkeypatch):
 def test_an_unexpected_error_becomes_a_rejected_row(tmp_path, monkeypatch):
     (tmp_path / "S001C001P001R001A001.skeleton").write_bytes(person_file(20, 1))
 
-    def broken(raw):
+    def broken(raw, denoise):
         raise IndexError("index 7 is out of bounds")
 
     monkeypatch.setattr(parse, "select_actors", broken)
@@ -235,3 +235,17 @@ def test_cli_reports_configuration_errors(tmp_path, capsys):
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_denoise_mode_reaches_the_store(tmp_path):
+    """``parse.denoise``: "complete" keeps both halves of a second person whose id changes,
+    "reference" stores CTR-GCN's tensors (the earlier half dropped)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "S001C001P001R001A050.skeleton").write_bytes(second_person_id_switch(40))
+    for mode, person_2_frames in (("complete", 40), ("reference", 20)):
+        out = tmp_path / mode
+        parse.run(dataclasses.replace(PARAMS, denoise=mode), raw_dir=raw, out_dir=out)
+        joints = open_store(out / "skeletons.zarr", required=("joints",))["joints"][0]  # 3, T, 25, 2
+        assert int(joints[..., 1].any(axis=(0, 2)).sum()) == person_2_frames
+        assert int(joints[..., 0].any(axis=(0, 2)).sum()) == 40

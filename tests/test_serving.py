@@ -27,6 +27,7 @@ from serving.schemas import _NPY_HEADERS, PredictRequest, PredictResponse, npy_c
 from serving.settings import Settings
 from stages import bundle, preprocess
 from stages.dataset import LoaderParams, SkeletonDataset
+from tests.factory import second_person_id_switch
 from tests.serving_helpers import (
     Reference,
     as_clip,
@@ -721,6 +722,35 @@ def test_a_damaged_bundle_is_not_served_but_the_app_runs(tiny_bundle, tmp_path, 
             pass
         assert denied.value.status_code == 503 and reason in denied.value.json()["detail"]
         assert "\nntu_serve_model_ready 0.0\n" in c.get("/metrics").text  # the gauge, present, at 0
+
+
+def test_uploads_are_denoised_as_the_bundle_says(tiny_bundle, tmp_path, client, reference):
+    """A bundle exported with ``parse.denoise: reference`` denoises uploaded files as CTR-GCN does
+    (the default bundle keeps both halves of a second person whose Kinect id changes); an unknown
+    mode is refused at load."""
+    data = second_person_id_switch(40)
+    want = {
+        m: reference.scores(preprocess.joints_from_skeleton_file(data, m))[0]
+        for m in ("complete", "reference")
+    }
+    assert not np.allclose(want["complete"], want["reference"], atol=1e-3)  # the test can tell them apart
+    upload = {"file": ("S001C001P001R001A050.skeleton", data)}
+    np.testing.assert_allclose(
+        client.post("/v1/predict/file", files=upload).json()["scores"], want["complete"], atol=1e-4
+    )
+    for mode in ("reference", "ctrgcn"):
+        copy = tmp_path / mode
+        shutil.copytree(tiny_bundle.bundle_dir, copy)
+        meta = json.loads((copy / "bundle.json").read_text())
+        meta["normalisation"]["denoise"] = mode
+        (copy / "bundle.json").write_text(json.dumps(meta))
+        bundle.write_manifest(copy)
+        with serving(copy) as c:
+            if mode == "reference":
+                body = c.post("/v1/predict/file", files=upload).json()
+                np.testing.assert_allclose(body["scores"], want["reference"], atol=1e-4)
+            else:
+                _is_error(c.get("/ready"), 503, "not_ready", "normalisation.denoise is 'ctrgcn'")
 
 
 @pytest.mark.parametrize("mismatch", ["labels", "window"])
