@@ -19,8 +19,10 @@ FLOW_ARGS ?=
 # dvc.yaml commands call `python`: put the venv first on PATH so they run in it.
 export PATH := $(abspath $(BIN)):$(PATH)
 
+# `make run` builds the whole DAG; `make run STAGES=package` only what package needs (the action branch).
+STAGES ?=
 run: $(STAMP)
-	dvc repro
+	dvc repro $(STAGES)
 
 test: $(STAMP)
 	python -m pytest $(PYTEST_ARGS)
