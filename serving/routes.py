@@ -198,7 +198,7 @@ async def model_info(service: Service_, model: Model_) -> ModelInfo:
         benchmark=meta["benchmark"],
         streams=meta["streams"],
         fusion=meta["fusion"],
-        normalisation=meta["normalisation"],
+        normalisation={**meta.get("normalisation", {}), "denoise": model.denoise},
         sampling=meta["sampling"],
         classes=model.labels,
         input={

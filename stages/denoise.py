@@ -17,11 +17,12 @@ A file from which no body survives is rejected with the reason (the reference cr
 
 One difference by default (``denoise="complete"``): the reference starts actor 2's interval at a
 virtual ``[0, 0]`` and widens it with ``min(start, start2)``, so actor 2 always "starts" at frame 0 and
-a second person whose Kinect id changes mid-sequence loses every frame before the change when the later
-body has more motion (the earlier one is discarded as overlapping both actors). Here actor 2's interval
-starts empty, so both halves of that person are kept; everything else matches the reference frame for
-frame. ``denoise="reference"`` reproduces the reference in that case too (the ``parse.denoise`` param),
-for tensors identical to the public pipelines'.
+a later-ranked body that overlaps actor 1 and lies wholly before actor 2's first body is discarded as
+overlapping both actors. Typically that body is the first half of a second person whose Kinect id
+changed mid-sequence, when the later id moves more. Here actor 2's interval starts empty, so such a
+body joins actor 2 (both halves of that person are kept); everything else matches the reference frame
+for frame. ``denoise="reference"`` reproduces the reference in that case too (the ``parse.denoise``
+param), for tensors identical to the public pipelines'.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def actor_records(raw: RawSkeleton, true_spans: bool = False) -> list[np.ndarray
 
     ``true_spans``: bodies may leave and come back (a tracker's ids, unlike a Kinect file's bodies,
     are kept across missed frames), so a body's interval and frames are the ones it is seen in; by
-    default they are the reference's contiguous run from its first frame."""
+    default they are the reference's contiguous run from its first frame. Always the ``"complete"``
+    mode: the reference's quirk is about Kinect ids, and a track split in two keeps both halves."""
     out = []
     for bodies in _assign(raw, true_spans).actors:
         placed: dict[int, int] = {}  # output frame -> record; a later body overwrites, as _place does

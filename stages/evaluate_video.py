@@ -181,6 +181,8 @@ def run(
         try:
             true_joints = joints_from_skeleton_file(data, model.denoise)
             row["skeleton_pred"] = top1(model, true_joints)
+            if video_model.denoise != model.denoise:  # each model gets the file as its bundle says
+                true_joints = joints_from_skeleton_file(data, video_model.denoise)
             row["skeleton_pred_video_model"] = top1(video_model, true_joints)
         except RejectedInput as exc:
             row["reason"] = f"skeleton {exc.code}: {exc.message}"

@@ -49,10 +49,10 @@ from models.skeleton import MAX_PERSONS, NUM_JOINTS
 from models.two_stream import MultiStream, SoloStreams
 from stages import bundle
 from stages.dataset import LoaderParams, SkeletonDataset
-from stages.denoise import COMPLETE
+from stages.denoise import COMPLETE, DENOISE_MODES
 from stages.features import FeaturesParams
 from stages.params import ParamsError, load_section, usable_cpus
-from stages.parse import ParseParams
+from stages.parse import denoise_mode
 from stages.store import atomic_directory, write_metrics
 
 INPUT, OUTPUT = "joints", "scores"
@@ -92,6 +92,11 @@ class ExportParams:
 
 class ExportError(RuntimeError):
     """The exported model is not faithful to the trained one (or not exportable as required)."""
+
+
+def _check_denoise(denoise: str) -> None:
+    if denoise not in DENOISE_MODES:
+        raise ExportError(f"denoise must be one of {DENOISE_MODES}, got {denoise!r}")
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -447,7 +452,9 @@ def run(
     metrics_path: Path | None = None,
     denoise: str = COMPLETE,
 ) -> dict:
-    """Export, check and bundle; returns the report (also written to ``metrics_path``)."""
+    """Export, check and bundle; returns the report (also written to ``metrics_path``). ``denoise``:
+    the parse stage's mode (``parse.denoise``), recorded in the bundle for the server's uploads."""
+    _check_denoise(denoise)
     model, meta = load_fused(model_path)
     torch.set_num_threads(params.threads or usable_cpus())
     report: dict = {"streams": list(model.names), "fusion": meta["fusion"]}
@@ -611,6 +618,7 @@ def write_bundle(
 ) -> dict:
     """Write ``labels.json``, ``bundle.json`` and the manifest beside the model files in ``work``.
     ``denoise``: the parse stage's mode, which the server applies to uploaded ``.skeleton`` files."""
+    _check_denoise(denoise)
     labels = [
         {"index": i, "id": int(cid), "name": name}
         for i, (cid, name) in enumerate(zip(meta["class_ids"], meta["class_names"], strict=True))
@@ -668,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
             params = dataclasses.replace(params, name=args.name)
         loader = load_section(args.params, "loader", LoaderParams)
         features_params = load_section(args.params, "features", FeaturesParams)
-        denoise = load_section(args.params, "parse", ParseParams).denoise
+        denoise = denoise_mode(args.params)
         run(
             params,
             loader,

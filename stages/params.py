@@ -148,12 +148,15 @@ def from_mapping(section: str, cls: type[T], values: dict[str, Any] | None) -> T
     return obj
 
 
-def load_section(path: str | Path, section: str, cls: type[T]) -> T:
-    """Read ``section`` of the YAML file at ``path`` into ``cls`` (see :func:`from_mapping`)."""
+def load_section(path: str | Path, section: str, cls: type[T], missing_ok: bool = False) -> T:
+    """Read ``section`` of the YAML file at ``path`` into ``cls`` (see :func:`from_mapping`); with
+    ``missing_ok`` a file without that section gives ``cls()``, its defaults."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file {path} not found")
     doc = yaml.safe_load(path.read_text()) or {}
+    if section not in doc and missing_ok:
+        return cls()
     if section not in doc:
         raise ParamsError(f"{path}: no [{section}] section; sections present: {', '.join(sorted(doc))}")
     return from_mapping(section, cls, doc[section])

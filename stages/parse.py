@@ -32,7 +32,7 @@ import zarr
 from tqdm import tqdm
 
 from stages import ntu_files
-from stages.denoise import DenoiseError, select_actors
+from stages.denoise import DENOISE_MODES, DenoiseError, select_actors
 from stages.params import ParamsError, load_section, usable_cpus
 from stages.skeleton_text import SkeletonFormatError, has_native_parser, parse_skeleton
 from stages.store import FORMAT_VERSION, LAYOUT, atomic_directory, create_tensor, write_metrics, write_vector
@@ -61,6 +61,8 @@ class ParseParams:
     denoise: Literal["complete", "reference"] = "complete"
 
     def validate(self) -> None:
+        if self.denoise not in DENOISE_MODES:
+            raise ParamsError(f"params.yaml [parse] denoise: one of {DENOISE_MODES}, got {self.denoise!r}")
         if self.classes != "all":
             bad = [c for c in self.classes if not 1 <= c <= ntu_files.NTU120_MAX_ACTION]
             if bad or len(set(self.classes)) != len(self.classes) or not self.classes:
@@ -297,6 +299,12 @@ def _batched(items, size: int):
         yield batch
 
 
+def denoise_mode(params_path: str | Path) -> str:
+    """``parse.denoise`` of the params file at ``params_path`` (the default when it has no [parse]
+    section), for the stages that read ``.skeleton`` files or bundle the model as parse would."""
+    return load_section(params_path, "parse", ParseParams, missing_ok=True).denoise
+
+
 def discover(raw_dir: Path) -> list[str]:
     """All ``*.skeleton`` files under ``raw_dir`` (recursively), sorted by file name then path.
 
@@ -371,6 +379,7 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
 
     Files are processed (and stored) in ``params.order``; rows of the table follow the same order.
     """
+    params.validate()  # params built in code have not been through load_section's checks
     started = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     paths = discover(raw_dir)

@@ -41,8 +41,10 @@ from tqdm import tqdm
 
 from serving.pose_runtime import PoseRuntimeError, verify
 from stages import ntu_files
+from stages.denoise import COMPLETE
 from stages.errors import RejectedInput
 from stages.params import ParamsError, load_section, usable_cpus
+from stages.parse import denoise_mode
 from stages.pose_data import discover_pairs
 from stages.store import atomic_directory, write_metrics
 
@@ -95,13 +97,16 @@ def choose_training(pairs, benchmark: str, per_class: int) -> list[tuple]:
 _WORKER: dict = {}
 
 
-def _init_worker(pose_dir: str, threads: int, threshold: float, flip_test: bool, mirrored: bool) -> None:
+def _init_worker(
+    pose_dir: str, threads: int, threshold: float, flip_test: bool, mirrored: bool, denoise: str = COMPLETE
+) -> None:
     from serving.pose_runtime import PoseRuntime
     from serving.video import VideoOptions
 
     _WORKER["pose"] = PoseRuntime.load(Path(pose_dir), threads=threads)
     _WORKER["options"] = VideoOptions(threshold=threshold, flip_test=flip_test, window=0)
     _WORKER["mirrored"] = mirrored
+    _WORKER["denoise"] = denoise  # the parse stage's mode, for the true joints of each .skeleton
 
 
 def estimate_one(video: str, skeleton: str) -> dict:
@@ -113,7 +118,7 @@ def estimate_one(video: str, skeleton: str) -> dict:
     from stages.preprocess import joints_from_skeleton_file
 
     try:
-        true = joints_from_skeleton_file(Path(skeleton).read_bytes())
+        true = joints_from_skeleton_file(Path(skeleton).read_bytes(), _WORKER.get("denoise", COMPLETE))
     except RejectedInput as exc:
         return {"reason": f"skeleton {exc.code}: {exc.message}"}
     except OSError as exc:
@@ -181,8 +186,10 @@ def run(
     pose_dir: Path,
     out_dir: Path,
     summary_path: Path | None = None,
+    denoise: str = COMPLETE,
 ) -> dict:
-    """Estimate the training videos' skeletons into ``out_dir/skeletons.npz``; returns the summary."""
+    """Estimate the training videos' skeletons into ``out_dir/skeletons.npz``; returns the summary.
+    ``denoise``: the parse stage's mode (``parse.denoise``), for the Kinect files' true joints."""
     verify(Path(pose_dir))  # a missing or altered export stops the stage before any work
     chosen = choose_training(
         discover_pairs(Path(video_dir), Path(skeleton_dir)), params.benchmark, params.videos_per_class
@@ -190,7 +197,14 @@ def run(
     workers = max(1, min(params.workers or usable_cpus(), len(chosen) or 1))
     started = time.perf_counter()
     results: list[dict] = []
-    init = (str(pose_dir), 1 if workers > 1 else 0, params.threshold, params.flip_test, params.mirrored)
+    init = (
+        str(pose_dir),
+        1 if workers > 1 else 0,
+        params.threshold,
+        params.flip_test,
+        params.mirrored,
+        denoise,
+    )
     if workers == 1:
         _init_worker(*init)
         results = [estimate_one(p.video, p.skeleton) for p, _ in tqdm(chosen, desc="video_skeletons")]
@@ -264,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         params = load_section(args.params, "video_skeletons", VideoSkeletonsParams)
+        denoise = denoise_mode(args.params)
         summary = run(
             params,
             video_dir=args.video_dir,
@@ -271,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             pose_dir=args.pose_dir,
             out_dir=args.out_dir,
             summary_path=args.summary,
+            denoise=denoise,
         )
     except (ParamsError, ValueError, FileNotFoundError, PoseRuntimeError) as exc:
         print(f"video_skeletons: error: {exc}", file=sys.stderr)

@@ -195,11 +195,14 @@ def test_the_tensorrt_branch_bundles_an_engine_only_when_it_agrees_with_onnx(
     monkeypatch.setattr(export, "build_tensorrt", build)
     monkeypatch.setattr(export, "TensorRTRunner", Runner)
     params = export.ExportParams(int8=False, latency_runs=1, tensorrt_batches=(1, 8))
+    denoise = "reference" if engine == "agrees" else "complete"  # the stage's run, once each way
     report = export.run(params, LoaderParams(), FeaturesParams(), model_path=tiny_bundle.model_path,
-                        features_dir=tiny_bundle.features_dir, out_dir=tmp_path / "export")  # fmt: skip
+                        features_dir=tiny_bundle.features_dir, out_dir=tmp_path / "export",
+                        denoise=denoise)  # fmt: skip
     assert built == [("model.onnx", (1, 8), 300)]
     trt = report["tensorrt"]
     meta = bundle.verify(tmp_path / "export" / "bundle")
+    assert meta["normalisation"].get("denoise") == ("reference" if denoise == "reference" else None)
     if engine == "agrees":
         assert (
             trt["in_bundle"] and trt["top1_agreement_vs_onnx"] == 1.0 and trt["max_abs_diff_vs_onnx"] == 0.0
@@ -311,6 +314,20 @@ def test_cli_rejects_bad_params(tmp_path):
     # The stage reads the parse stage's denoise mode for the bundle, and checks it.
     proc = export_with(export={"opset": 17}, parse={"denoise": "ctrgcn"})
     assert proc.returncode == 2 and "denoise" in proc.stderr and "ctrgcn" in proc.stderr
+
+
+def test_the_cli_gives_the_stage_the_parse_stages_denoise_mode(tmp_path, monkeypatch):
+    seen, run = {}, export.run
+    monkeypatch.setattr(export, "run", lambda *args, **kw: seen.update(kw) or {})
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc["parse"]["denoise"] = "reference"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    args = ["--params", str(tmp_path / "params.yaml"), "--model", "x.pt", "--features-dir", "f",
+            "--out-dir", str(tmp_path / "out")]  # fmt: skip
+    assert export.main(args) == 0 and seen["denoise"] == "reference"
+    with pytest.raises(export.ExportError, match="denoise must be one of"):  # before any work
+        run(export.ExportParams(), LoaderParams(), FeaturesParams(), model_path=tmp_path / "none.pt",
+            features_dir=tmp_path, out_dir=tmp_path / "out", denoise="ctrgcn")  # fmt: skip
 
 
 def test_the_bundle_names_the_parse_stages_denoise_mode_unless_default(tmp_path):

@@ -89,3 +89,19 @@ def test_torch_threads_take_omp_num_threads_else_a_share_of_the_cpus(monkeypatch
     assert params_module.torch_threads(2) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: ignored
     assert params_module.torch_threads(16) == 1
+
+
+def test_a_missing_section_is_an_error_unless_its_defaults_are_asked_for(tmp_path):
+    from stages.parse import denoise_mode
+
+    path = tmp_path / "params.yaml"
+    path.write_text("features:\n  view_align: true\n")
+    with pytest.raises(ParamsError, match=r"no \[parse\] section; sections present: features"):
+        load_section(path, "parse", ParseParams)
+    assert load_section(path, "parse", ParseParams, missing_ok=True) == ParseParams()
+    assert denoise_mode(path) == "complete"
+    path.write_text("parse:\n  denoise: reference\n")
+    assert denoise_mode(path) == "reference"
+    path.write_text("parse:\n  denoise: ctrgcn\n")
+    with pytest.raises(ParamsError, match="denoise"):
+        denoise_mode(path)

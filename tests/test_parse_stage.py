@@ -12,6 +12,7 @@ import zarr
 
 from stages import parse
 from stages.denoise import select_actors
+from stages.params import ParamsError
 from stages.skeleton_text import format_skeleton, parse_skeleton
 from stages.store import open_store
 from tests.factory import STANDING, body, moving, second_person_id_switch
@@ -249,3 +250,5 @@ def test_the_denoise_mode_reaches_the_store(tmp_path):
         joints = open_store(out / "skeletons.zarr", required=("joints",))["joints"][0]  # 3, T, 25, 2
         assert int(joints[..., 1].any(axis=(0, 2)).sum()) == person_2_frames
         assert int(joints[..., 0].any(axis=(0, 2)).sum()) == 40
+    with pytest.raises(ParamsError, match="denoise"):  # params built in code are checked too
+        parse.run(dataclasses.replace(PARAMS, denoise="ctrgcn"), raw_dir=raw, out_dir=tmp_path / "bad")

@@ -738,6 +738,7 @@ def test_uploads_are_denoised_as_the_bundle_says(tiny_bundle, tmp_path, client, 
     np.testing.assert_allclose(
         client.post("/v1/predict/file", files=upload).json()["scores"], want["complete"], atol=1e-4
     )
+    assert client.get("/v1/model").json()["normalisation"]["denoise"] == "complete"
     for mode in ("reference", "ctrgcn"):
         copy = tmp_path / mode
         shutil.copytree(tiny_bundle.bundle_dir, copy)
@@ -749,6 +750,7 @@ def test_uploads_are_denoised_as_the_bundle_says(tiny_bundle, tmp_path, client, 
             if mode == "reference":
                 body = c.post("/v1/predict/file", files=upload).json()
                 np.testing.assert_allclose(body["scores"], want["reference"], atol=1e-4)
+                assert c.get("/v1/model").json()["normalisation"]["denoise"] == "reference"
             else:
                 _is_error(c.get("/ready"), 503, "not_ready", "normalisation.denoise is 'ctrgcn'")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from serving import model as model_loader
 from serving import video, video_actions
@@ -349,3 +350,29 @@ def test_a_learned_fusion_head_is_fitted_again(estimated, tiny_bundle, tmp_path)
     before_streams, _ = export.load_fused(tmp_path / "concat.pt")
     finetune_video.refit_fusion(before_streams, xs, ys, LoaderParams(), rt, 16)
     assert not torch.allclose(before_streams.head.weight, after.head.weight, atol=1e-4)
+
+
+def test_video_skeletons_reads_the_true_joints_with_the_parse_stages_denoise_mode(tmp_path, monkeypatch):
+    """``parse.denoise`` reaches the workers' true joints (``estimate_one``), from the CLI down."""
+    from serving.video import VideoOptions
+    from tests.factory import second_person_id_switch
+
+    skeleton = tmp_path / "S001C001P001R001A050.skeleton"
+    skeleton.write_bytes(second_person_id_switch(40))
+    frames_of_person_2 = {}
+    for mode in ("complete", "reference"):
+        monkeypatch.setattr(video_skeletons, "_WORKER", {"pose": None, "options": VideoOptions(window=0)})
+        video_skeletons._WORKER["denoise"] = mode
+        out = video_skeletons.estimate_one(str(tmp_path / "missing.avi"), str(skeleton))
+        assert out["reason"].startswith("video unreadable_video")  # the true side was read first
+        frames_of_person_2[mode] = int(out["true"][..., 1].any(axis=(0, 2)).sum())
+    assert frames_of_person_2 == {"complete": 40, "reference": 20}
+
+    seen = {}
+    monkeypatch.setattr(video_skeletons, "run", lambda params, **kw: seen.update(kw) or {})
+    doc = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    doc["parse"]["denoise"] = "reference"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    args = ["--params", str(tmp_path / "params.yaml"), "--video-dir", "v", "--skeleton-dir", "s",
+            "--pose-dir", "p", "--out-dir", str(tmp_path / "out")]  # fmt: skip
+    assert video_skeletons.main(args) == 0 and seen["denoise"] == "reference"
