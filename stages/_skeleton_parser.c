@@ -177,7 +177,10 @@ special:
             low[i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
         }
         low[n] = '\0';
-        if (!strcmp(low, "nan") || !strcmp(low, "inf") || !strcmp(low, "infinity")) return 2;
+        if (!strcmp(low, "nan") || !strcmp(low, "inf") || !strcmp(low, "infinity")) {
+            *out = NAN; /* what it is does not matter: no stored field takes a non-finite value */
+            return 2;
+        }
         return 1;
     }
 }
@@ -258,10 +261,13 @@ bad:
     return set_error(err, "bad_count", "line %ld: %s '%s' is not a non-negative integer", s->line, what, tok);
 }
 
-static int check_number(Scanner *s, int i, double *out, Error *err) {
+/* Field i of the line as a number. Non-finite values (nan, inf, 1e999) are refused in the fields
+   the parser stores (stored != 0) and let through in the others, which nothing reads (a Kinect
+   writes e.g. an orientation it could not compute as such): a file is not lost for them. */
+static int check_number(Scanner *s, int i, double *out, Error *err, int stored) {
     char tok[40];
     int r = parse_double(s->ts[i], s->te[i], out);
-    if (r == 0) return 0;
+    if (r == 0 || (r == 2 && !stored)) return 0;
     token_repr(s->ts[i], s->te[i], tok, sizeof tok);
     if (r == 2)
         return set_error(err, "non_finite", "line %ld field %d: non-finite value '%s'", s->line, i + 1, tok);
@@ -344,7 +350,7 @@ static int parse_all(Scanner *s, Out *o, long *frames_out, Error *err) {
             if (o->n == o->cap && grow(o, err)) return -1;
             if (parse_body_id(s, &o->ids[o->n], err)) return -1;
             for (int i = 1; i < 10; i++)
-                if (check_number(s, i, &v, err)) return -1;
+                if (check_number(s, i, &v, err, 0)) return -1;
             r = next_line(s, err);
             if (r < 0) return -1;
             if (r == 0)
@@ -367,7 +373,7 @@ static int parse_all(Scanner *s, Out *o, long *frames_out, Error *err) {
                     return set_error(err, "bad_field_count",
                                      "line %ld: expected a 12-field joint line, found %d fields", s->line, s->ntok);
                 for (int i = 0; i < 12; i++) {
-                    if (check_number(s, i, &v, err)) return -1;
+                    if (check_number(s, i, &v, err, i < NVAL)) return -1;
                     if (i < NVAL && fabs(v) > FLT_MAX) {
                         char tok[40];
                         token_repr(s->ts[i], s->te[i], tok, sizeof tok);

@@ -143,11 +143,16 @@ def _token_repr(token: bytes) -> str:
     return text if len(text) <= 36 else text[:36] + "..."
 
 
-def _parse_number(lines: _Lines, i: int) -> float:
+def _parse_number(lines: _Lines, i: int, stored: bool = True) -> float:
+    """Field ``i`` of the line as a number. Non-finite values (nan, inf, 1e999) are refused in the
+    fields the parser stores and let through in the others, which nothing reads (a Kinect writes e.g.
+    an orientation it could not compute as such): a file is not lost for them."""
     token = lines.tokens[i]
     text = token.decode("ascii")
     lowered = (text[1:] if text[:1] in ("+", "-") else text).lower()
     if lowered in ("nan", "inf", "infinity"):
+        if not stored:
+            return float("nan")
         raise SkeletonFormatError(
             "non_finite", f"line {lines.line} field {i + 1}: non-finite value '{_token_repr(token)}'"
         )
@@ -161,7 +166,7 @@ def _parse_number(lines: _Lines, i: int) -> float:
         raise SkeletonFormatError(
             "non_numeric", f"line {lines.line} field {i + 1}: '{_token_repr(token)}' is not a number"
         )
-    if not math.isfinite(value):  # an overflowing literal such as 1e999
+    if not math.isfinite(value) and stored:  # an overflowing literal such as 1e999
         raise SkeletonFormatError(
             "non_finite", f"line {lines.line} field {i + 1}: non-finite value '{_token_repr(token)}'"
         )
@@ -227,7 +232,7 @@ def _parse_python(data: bytes) -> RawSkeleton:
                 )
             body_id = int(token)
             for i in range(1, 10):
-                _parse_number(lines, i)
+                _parse_number(lines, i, stored=False)
             if not lines.next():
                 raise _truncated(f"{where} (body {b + 1} of {bodies})")
             joints = _parse_count(lines, "joint count")
@@ -246,7 +251,7 @@ def _parse_python(data: bytes) -> RawSkeleton:
                         f"line {lines.line}: expected a 12-field joint line, "
                         f"found {len(lines.tokens)} fields",
                     )
-                numbers = [_parse_number(lines, i) for i in range(12)]
+                numbers = [_parse_number(lines, i, stored=i < NUM_VALUES) for i in range(12)]
                 for i in range(NUM_VALUES):
                     if abs(numbers[i]) > _FLOAT32_MAX:
                         raise SkeletonFormatError(

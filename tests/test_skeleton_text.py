@@ -152,6 +152,32 @@ def test_malformed_input_gets_code_and_reason(parse, kind):
     assert phrase in info.value.message
 
 
+NON_FINITE = (b"nan", b"-inf", b"Infinity", b"1e999")
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+@pytest.mark.parametrize("token", NON_FINITE)
+def test_non_finite_values_in_fields_nothing_reads_do_not_lose_the_file(parse, token):
+    """An orientation (joint fields 8-11), the tracking state (12) or a body line's lean / state
+    fields may be non-finite and the file still parses to the same joints (the state reads as 0,
+    "not tracked"); a non-finite x, y, z, depth or colour value is refused (BAD_INPUTS)."""
+    clean = parse(REAL_FRAME)
+    for old, new in (
+        (b" -0.2454222 ", b" " + token + b" "),  # orientation W of the first joint
+        (b" -0.00952301 2\r\n", b" " + token + b" 2\r\n"),  # orientation Z
+        (b" 0.02764709 0.05745083 2\r\n", b" " + token + b" 0.05745083 2\r\n"),  # leanX
+    ):
+        got = parse(_with(old, new))
+        assert np.array_equal(got.values, clean.values) and np.array_equal(got.tracking, clean.tracking)
+    state = parse(_with(b" -0.00952301 2\r\n", b" -0.00952301 " + token + b"\r\n"))
+    assert np.array_equal(state.values, clean.values)
+    assert state.tracking[0, 0] == 0 and np.array_equal(state.tracking[0, 1:], clean.tracking[0, 1:])
+    for field in (b"3.785027", b"277.4376", b"1036.508"):  # z, depthX, colorX: stored, so refused
+        with pytest.raises(st.SkeletonFormatError) as info:
+            parse(_with(field, token))
+        assert info.value.code == "non_finite"
+
+
 def _mutations(data: bytes, count: int, seed: int):
     rng = np.random.default_rng(seed)
     alphabet = np.frombuffer(b"0123456789.-+eE \r\nxn\x00\t", dtype=np.uint8)
