@@ -306,7 +306,8 @@ def denoise_mode(params_path: str | Path) -> str:
 
 
 def discover(raw_dir: Path) -> list[str]:
-    """All ``*.skeleton`` files under ``raw_dir`` (recursively), sorted by file name then path.
+    """All ``*.skeleton`` files under ``raw_dir`` (recursively; the extension in any case, as a copy
+    from a case-insensitive file system may spell it), sorted by file name then path.
 
     Plain strings, not ``Path`` objects: for 100k+ files the list is a tenth of the memory.
     """
@@ -316,7 +317,7 @@ def discover(raw_dir: Path) -> list[str]:
         (name, os.path.join(root, name))
         for root, _, names in os.walk(raw_dir)
         for name in names
-        if name.endswith(".skeleton")
+        if name.lower().endswith(".skeleton")
     ]
     found.sort()
     return [path for _, path in found]

@@ -353,7 +353,15 @@ def discover_pairs(video_dir: Path, skeleton_dir: Path) -> list[Pair]:
     """Every NTU-named video under ``video_dir`` with its ``.skeleton`` (or None) from ``skeleton_dir``."""
     if not video_dir.is_dir():
         raise FileNotFoundError(f"video directory {video_dir} does not exist or is not a directory")
-    skeletons = {p.stem: str(p) for p in Path(skeleton_dir).rglob("*.skeleton")} if skeleton_dir else {}
+    skeletons = (
+        {
+            p.stem: str(p)
+            for p in Path(skeleton_dir).rglob("*")
+            if p.name.lower().endswith(".skeleton") and p.is_file()
+        }
+        if skeleton_dir
+        else {}
+    )
     pairs = []
     for path in sorted(video_dir.rglob("*"), key=lambda p: p.name):
         suffix = next((s for s in VIDEO_SUFFIXES if path.name.endswith(s)), None)

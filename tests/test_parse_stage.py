@@ -252,3 +252,15 @@ def test_the_denoise_mode_reaches_the_store(tmp_path):
         assert int(joints[..., 0].any(axis=(0, 2)).sum()) == 40
     with pytest.raises(ParamsError, match="denoise"):  # params built in code are checked too
         parse.run(dataclasses.replace(PARAMS, denoise="ctrgcn"), raw_dir=raw, out_dir=tmp_path / "bad")
+
+
+def test_the_extension_is_found_in_any_case(tmp_path):
+    """A copy from a case-insensitive file system may spell it .SKELETON: its data is not skipped."""
+    (tmp_path / "S001C001P001R001A008.SKELETON").write_bytes(GOOD["S001C001P001R001A008"])
+    (tmp_path / "S001C002P002R001A009.skeleton").write_bytes(GOOD["S001C002P002R001A009"])
+    (tmp_path / "notes.skeleton.txt").write_text("not a skeleton file")
+    assert [p.rsplit("/", 1)[1] for p in parse.discover(tmp_path)] == [
+        "S001C001P001R001A008.SKELETON", "S001C002P002R001A009.skeleton",
+    ]  # fmt: skip
+    summary = parse.run(PARAMS, raw_dir=tmp_path, out_dir=tmp_path / "out")
+    assert summary["accepted"] == 2

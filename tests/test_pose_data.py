@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -350,3 +351,18 @@ def test_evaluate_video_scores_held_out_videos_both_ways(pose_pairs, tiny_bundle
     empty = evaluate_video.run(params, video_dir=train_only, skeleton_dir=root / "raw", pose_dir=pose_dir,
                                bundle_dir=tiny_bundle.bundle_dir, out_dir=tmp_path / "b")  # fmt: skip
     assert empty["videos"] == 0 and empty["video_top1"] == 0.0
+
+
+def test_pairs_find_a_skeleton_whose_extension_is_upper_case(tmp_path):
+    videos, skeletons = tmp_path / "rgb", tmp_path / "raw"
+    videos.mkdir(), skeletons.mkdir()
+    for name in ("S001C001P001R001A008", "S001C001P001R001A009", "S001C001P001R001A010"):
+        (videos / f"{name}_rgb.avi").write_bytes(b"RIFF")
+    (skeletons / "S001C001P001R001A008.SKELETON").write_bytes(b"1")
+    (skeletons / "S001C001P001R001A009.skeleton").write_bytes(b"1")
+    pairs = pose_data.discover_pairs(videos, skeletons)
+    assert [(p.name, p.skeleton and Path(p.skeleton).name) for p in pairs] == [
+        ("S001C001P001R001A008", "S001C001P001R001A008.SKELETON"),
+        ("S001C001P001R001A009", "S001C001P001R001A009.skeleton"),
+        ("S001C001P001R001A010", None),
+    ]
