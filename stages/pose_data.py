@@ -354,11 +354,7 @@ def discover_pairs(video_dir: Path, skeleton_dir: Path) -> list[Pair]:
     if not video_dir.is_dir():
         raise FileNotFoundError(f"video directory {video_dir} does not exist or is not a directory")
     skeletons = (
-        {
-            p.stem: str(p)
-            for p in Path(skeleton_dir).rglob("*")
-            if p.name.lower().endswith(".skeleton") and p.is_file()
-        }
+        {p.stem: str(p) for p in Path(skeleton_dir).rglob("*") if p.name.lower().endswith(".skeleton")}
         if skeleton_dir
         else {}
     )
