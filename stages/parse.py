@@ -32,7 +32,7 @@ import zarr
 from tqdm import tqdm
 
 from stages import ntu_files
-from stages.denoise import DENOISE_MODES, DenoiseError, select_actors
+from stages.denoise import COMPLETE, DENOISE_MODES, DenoiseError, select_actors
 from stages.params import ParamsError, load_section, usable_cpus
 from stages.skeleton_text import SkeletonFormatError, has_native_parser, parse_skeleton
 from stages.store import FORMAT_VERSION, LAYOUT, atomic_directory, create_tensor, write_metrics, write_vector
@@ -57,7 +57,7 @@ class ParseParams:
     codec: Literal["lz4", "zstd"] = "lz4"
     compression_level: int = 5
     # "complete": a second person whose Kinect id changes mid-sequence keeps both halves; "reference":
-    # CTR-GCN's get_raw_denoised_data.py frame for frame, which drops the earlier half in that case.
+    # CTR-GCN's get_raw_denoised_data.py frame for frame, which can drop the earlier half then.
     denoise: Literal["complete", "reference"] = "complete"
 
     def validate(self) -> None:
@@ -118,7 +118,7 @@ class _Settings:
     labels: dict[int, int]  # action id -> 0-based label
     missing: frozenset[str]
     raw_dir: str
-    denoise: str = "complete"  # stages.denoise.DENOISE_MODES
+    denoise: str = COMPLETE  # one of stages.denoise.DENOISE_MODES
 
 
 _settings: _Settings | None = None
