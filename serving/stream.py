@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from models.skeleton import MAX_PERSONS, NUM_JOINTS
 from stages.errors import RejectedInput
 from stages.preprocess import ClipLimits, joints_from_clip
 
@@ -56,20 +57,31 @@ router = APIRouter()
 
 
 class StreamSession:
-    """One connection's sliding window of validated frames ``(3, 25, 2)``."""
+    """One connection's sliding window of validated frames, as sent: ``(MAX_PERSONS, 25, 3)``."""
 
     def __init__(self, service: Service):
         self.service = service
         s = service.settings
         self.size, self.stride, self.max_bytes = s.stream_window, s.stream_stride, s.max_body_bytes
         self.limits = ClipLimits(min_frames=1, max_frames=1, max_abs=service.limits.max_abs)
+        self.window_limits = ClipLimits(min_frames=1, max_frames=self.size, max_abs=service.limits.max_abs)
         self.window: deque[np.ndarray] = deque(maxlen=self.size)
         self.seen = 0
 
     def frame(self, frame: list) -> np.ndarray:
-        """A client frame ``(25, 3)`` or ``(M, 25, 3)`` -> ``(3, 25, 2)``, checked like a clip."""
-        clip = [[person] for person in frame] if frame_has_persons(frame) else [frame]
-        return joints_from_clip(clip, self.limits)[:, 0]
+        """A client frame ``(25, 3)`` or ``(M, 25, 3)``, checked like a one-frame clip, -> float32
+        ``(MAX_PERSONS, 25, 3)`` in the client's slots (absent persons zero). The slots are kept as
+        sent: which body is actor 1 is decided over the whole window, as for a clip (a frame whose
+        first slot is empty is not a window whose first slot is empty)."""
+        persons = frame if frame_has_persons(frame) else [frame]
+        joints_from_clip([[person] for person in persons], self.limits)  # raises on a bad frame
+        out = np.zeros((MAX_PERSONS, NUM_JOINTS, 3), dtype=np.float32)
+        out[: len(persons)] = np.asarray(persons, dtype=np.float32)
+        return out
+
+    def window_joints(self) -> np.ndarray:
+        """The window as ``/v1/predict`` takes the same frames: ``(3, T, 25, 2)``."""
+        return joints_from_clip(np.stack(self.window, axis=1), self.window_limits)
 
     async def on_message(self, raw: str | bytes, received: float) -> dict | None:
         """The reply to one message (None: nothing to say yet); raises RejectedInput when it is bad."""
@@ -92,7 +104,7 @@ class StreamSession:
         self.seen += 1
         if len(self.window) < self.size or (self.seen - self.size) % self.stride:
             return None
-        joints = np.stack(self.window, axis=1)  # 3, T, 25, 2
+        joints = self.window_joints()  # 3, T, 25, 2
         clips = await run_in_threadpool(self.service.prepare_joints, joints)
         (prediction,) = await self.service.predict([clips], [len(self.window)])
         latency_ms = round((time.perf_counter() - received) * 1000, 3)

@@ -63,8 +63,28 @@ class EvaluateParams:
         bad = [s for s in self.fusion_weights if s not in STREAMS]
         if bad:
             raise ParamsError(f"params.yaml [evaluate] fusion_weights: unknown stream(s) {bad}")
+        bad = {s: w for s, w in self.fusion_weights.items() if not (np.isfinite(w) and w >= 0)}
+        if bad:
+            raise ParamsError(
+                f"params.yaml [evaluate] fusion_weights: finite and >= 0 are required, got {bad}"
+            )
         if self.multi_clips < 0 or self.batch_size < 1 or any(len(p) != 2 for p in self.pairs):
             raise ParamsError("params.yaml [evaluate]: multi_clips >= 0, batch_size >= 1, pairs of 2 ids")
+
+    def check_streams(self, streams: tuple[str, ...]) -> None:
+        """The score sum needs a weight for every trained stream (a missing one used to count as 1.0)
+        and a positive one among them."""
+        if self.fusion != "sum":
+            return
+        missing = [s for s in streams if s not in self.fusion_weights]
+        if missing:
+            raise ParamsError(
+                f"params.yaml [evaluate] fusion_weights: no weight for the trained stream(s) {missing}"
+            )
+        if not any(self.fusion_weights[s] > 0 for s in streams):
+            raise ParamsError(
+                f"params.yaml [evaluate] fusion_weights: all zero for the streams {list(streams)}"
+            )
 
 
 def load_streams(checkpoints_dir: Path, streams: tuple[str, ...], which: str) -> dict[str, dict]:
@@ -214,6 +234,7 @@ def run(
 ) -> dict:
     """Evaluate and write the reports; returns the metrics."""
     tracker = tracker or NullTracker()
+    params.check_streams(tuple(train_params.streams))
     rt = training.setup_runtime(train_params.device, train_params.amp, "off")
     ckpts = load_streams(checkpoints_dir, train_params.streams, params.checkpoint)
     model = build_model(ckpts, params.fusion, params.fusion_weights).to(rt.device)

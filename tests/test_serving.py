@@ -607,6 +607,29 @@ def test_stream_two_persons(client, files):
     alone = client.post("/v1/predict", json={"clip": two[:, :12].tolist()}).json()
     np.testing.assert_allclose(got["scores"], alone["scores"], atol=1e-5)
 
+    # Person 1 leaves for frames 6-11: the window keeps person 2 in the second slot, as a clip of
+    # the same frames does (each frame alone has its first slot empty there; it used to move person
+    # 2 into it frame by frame, so the actors swapped within the window)
+    gone = two[:, :12].copy()
+    gone[0, 6:] = 0
+    with client.websocket_connect("/v1/stream") as ws:
+        for t in range(12):
+            ws.send_json({"frame": gone[:, t].tolist()})
+        got = _predictions(ws, 1)[0]
+    alone = client.post("/v1/predict", json={"clip": gone.tolist()}).json()
+    np.testing.assert_allclose(got["scores"], alone["scores"], atol=1e-5)
+    swapped = gone.copy()
+    swapped[:, 6:] = gone[::-1, 6:]
+    moved = client.post("/v1/predict", json={"clip": swapped.tolist()}).json()
+    assert np.abs(np.subtract(moved["scores"], alone["scores"])).max() > 1e-3  # the swap changes scores
+    # a window of frames with only the second slot filled: that body is actor 1, as in a clip
+    with client.websocket_connect("/v1/stream") as ws:
+        for t in range(12):
+            ws.send_json({"frame": [[[0.0, 0.0, 0.0]] * 25, two[1, t].tolist()]})
+        got = _predictions(ws, 1)[0]
+    alone = client.post("/v1/predict", json={"clip": two[1, :12].tolist()}).json()
+    np.testing.assert_allclose(got["scores"], alone["scores"], atol=1e-5)
+
 
 STREAM_ERRORS = [
     ("not json", "bad_message", "invalid json"),

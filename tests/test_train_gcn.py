@@ -20,6 +20,7 @@ import yaml
 from models.ctrgcn import CTRGCN, config_for
 from stages import evaluate, train_gcn, training
 from stages.dataset import LoaderParams, SkeletonDataset
+from stages.params import ParamsError
 from stages.tracking import NullTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,6 +331,10 @@ def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path)
             reports_dir=tmp_path / "rep" / stream,
         )
     eparams = evaluate.EvaluateParams(multi_clips=2, batch_size=16, workers=0)
+    with pytest.raises(ParamsError, match=r"no weight for the trained stream\(s\) \['bone'\]"):
+        evaluate.run(dataclasses.replace(eparams, fusion_weights={"joint": 0.6}), params, LOADER,
+                     features_dir=tiny_features, checkpoints_dir=tmp_path / "ck", out_dir=tmp_path / "ev1")  # fmt: skip
+    assert not (tmp_path / "ev1").exists()
     metrics = evaluate.run(
         eparams,
         params,
@@ -393,6 +398,25 @@ def _with_test_split(features_dir: Path, copy: Path, keep) -> Path:
         table.set_column(index, "ntu120_xsub", pa.array(split, pa.string())), copy / "samples.parquet"
     )
     return copy
+
+
+@pytest.mark.parametrize(
+    ("weights", "streams", "phrase"),
+    [
+        ({"joint": float("nan"), "bone": 0.6}, None, "finite and >= 0"),
+        ({"joint": -0.6, "bone": 0.6}, None, "finite and >= 0"),
+        ({"jiont": 0.6}, None, "unknown stream(s) ['jiont']"),
+        ({"joint": 0.6}, ("joint", "bone"), "no weight for the trained stream(s) ['bone']"),
+        ({"joint": 0.0, "bone": 0.0, "joint_motion": 1.0}, ("joint", "bone"), "all zero"),
+    ],
+)
+def test_fusion_weights_are_checked(weights, streams, phrase):
+    with pytest.raises(ParamsError) as info:
+        eparams = evaluate.EvaluateParams(fusion_weights=weights)
+        eparams.validate()
+        eparams.check_streams(streams)
+    assert phrase in str(info.value)
+    evaluate.EvaluateParams(fusion="concat", fusion_weights={}).check_streams(("joint", "bone"))  # unused
 
 
 def test_confusion_summaries_on_known_predictions():
