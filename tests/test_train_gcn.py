@@ -332,8 +332,10 @@ def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path)
         )
     eparams = evaluate.EvaluateParams(multi_clips=2, batch_size=16, workers=0)
     with pytest.raises(ParamsError, match=r"no weight for the trained stream\(s\) \['bone'\]"):
-        evaluate.run(dataclasses.replace(eparams, fusion_weights={"joint": 0.6}), params, LOADER,
-                     features_dir=tiny_features, checkpoints_dir=tmp_path / "ck", out_dir=tmp_path / "ev1")  # fmt: skip
+        evaluate.run(
+            dataclasses.replace(eparams, fusion_weights={"joint": 0.6}), params, LOADER,
+            features_dir=tiny_features, checkpoints_dir=tmp_path / "ck", out_dir=tmp_path / "ev1",
+        )  # fmt: skip
     assert not (tmp_path / "ev1").exists()
     metrics = evaluate.run(
         eparams,
