@@ -10,6 +10,10 @@ import numpy as np
 
 NUM_JOINTS = 25
 MAX_PERSONS = 2
+# The farthest a kept joint may be from the camera, in metres (parse, the server's clips): Kinect v2
+# sees to about 8 m; a value beyond tens of metres is not a body (and 65,520 m overflows the
+# float16 feature streams)
+MAX_COORDINATE_M = 50.0
 
 JOINT_NAMES: tuple[str, ...] = (
     "spine_base",  # 0

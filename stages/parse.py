@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import zarr
 from tqdm import tqdm
 
+from models.skeleton import MAX_COORDINATE_M
 from stages import ntu_files
 from stages.denoise import COMPLETE, DENOISE_MODES, DenoiseError, select_actors
 from stages.params import ParamsError, load_section, usable_cpus
@@ -173,6 +174,12 @@ def process_file(path: str, settings: _Settings) -> tuple[dict, np.ndarray | Non
         return _reject(row, "rejected", exc.code, exc.message)
     except Exception as exc:  # a bug must not stop the stage or lose the other files: record it
         return _reject(row, "rejected", "internal_error", f"{type(exc).__name__}: {exc} (please report)")
+    farthest = float(np.abs(chosen.joints).max())  # the bodies denoising dropped may hold anything
+    if farthest > MAX_COORDINATE_M:
+        return _reject(
+            row, "rejected", "out_of_range",
+            f"a kept joint is {farthest:.3g} m from the camera; at most {MAX_COORDINATE_M:g} m",
+        )  # fmt: skip
     row.update(
         status="accepted",
         kept_frames=chosen.joints.shape[1],

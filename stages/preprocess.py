@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.skeleton import MAX_PERSONS, NUM_JOINTS
+from models.skeleton import MAX_COORDINATE_M, MAX_PERSONS, NUM_JOINTS
 from stages.dataset import LoaderParams, sample_clips
 from stages.denoise import COMPLETE, select_actors
 from stages.errors import RejectedInput
@@ -39,7 +39,7 @@ class ClipLimits:
 
     min_frames: int = 1
     max_frames: int = 1200  # NTU's longest sample has ~ 300 frames at 30 fps (10 s); 40 s here
-    max_abs: float = 50.0  # Kinect v2 sees to ~ 8 m; anything beyond tens of metres is not a body
+    max_abs: float = MAX_COORDINATE_M
 
 
 def joints_from_clip(clip, limits: ClipLimits = ClipLimits()) -> np.ndarray:

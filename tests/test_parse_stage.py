@@ -264,3 +264,27 @@ def test_the_extension_is_found_in_any_case(tmp_path):
     ]  # fmt: skip
     summary = parse.run(PARAMS, raw_dir=tmp_path, out_dir=tmp_path / "out")
     assert summary["accepted"] == 2
+
+
+def test_a_joint_beyond_any_body_is_rejected_but_a_dropped_body_may_hold_it(tmp_path):
+    """A kept joint 70 km away would overflow the float16 feature streams (to inf, then a NaN loss):
+    the file is rejected with the reason; a far value in a body denoising drops does not matter."""
+    xyz = moving(STANDING, 30, 0.1, 1)
+    far = xyz.copy()
+    far[12, 3, 2] = 7e4
+    ghost = np.full((25, 3), 7e4)  # a body seen in 5 frames: dropped by length (<= 11 frames)
+    files = {
+        "S001C001P001R001A008": format_skeleton([[body(ID, x)] for x in far]),
+        "S001C001P002R001A008": format_skeleton(
+            [[body(ID, x)] + ([body(ID + 1, ghost)] if t < 5 else []) for t, x in enumerate(xyz)]
+        ),
+    }
+    for name, data in files.items():
+        (tmp_path / f"{name}.skeleton").write_bytes(data)
+    settings = parse._Settings(dataset="synthetic", labels={8: 0}, missing=frozenset(), raw_dir=str(tmp_path))
+    row, joints, _ = parse.process_file(str(tmp_path / "S001C001P001R001A008.skeleton"), settings)
+    assert joints is None and (row["status"], row["reason_code"]) == ("rejected", "out_of_range")
+    assert row["reason"] == "a kept joint is 7e+04 m from the camera; at most 50 m"
+    row, joints, _ = parse.process_file(str(tmp_path / "S001C001P002R001A008.skeleton"), settings)
+    assert row["status"] == "accepted" and row["dropped_by_length"] == 1
+    np.testing.assert_allclose(joints[..., 0].transpose(1, 2, 0), xyz, atol=1e-5)
