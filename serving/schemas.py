@@ -281,6 +281,14 @@ class VideoResponse(BaseModel):
     pose_model: PoseRef
     frames: int = Field(description="frames analysed (at analysed_fps); window starts and ends count these")
     fps: float = Field(description="the container's frame rate (0 when it does not say)")
+    declared_frames: int = Field(
+        description="the container's frame count (0 when it does not say; may be wrong)"
+    )
+    decoded_frames: int = Field(description="the file's frames decoded (before resampling to analysed_fps)")
+    unreadable_frames: int = Field(
+        description="frames that could not be decoded between good ones; each was replaced by the frame "
+        "before it, so time is kept"
+    )
     analysed_fps: float = Field(
         description="the rate the frames were analysed at: the action model's 30 fps (frames dropped or "
         "repeated) unless the video is within 5% of it or its rate is unknown (then the container's, or 0)"

@@ -414,9 +414,12 @@ def skeleton_from_upload(
 
 
 def _describe(info: VideoInfo, skeleton: VideoSkeleton, seconds: float) -> str:
+    damaged = info.read.unreadable
     return (
         f"{skeleton.frames} frames {info.width}x{info.height} at {info.fps:.1f} fps"
-        f"{f' (analysed at {info.analysed_fps:g} fps)' if info.resampled else ''}; {skeleton.people} "
+        f"{f' (analysed at {info.analysed_fps:g} fps)' if info.resampled else ''}"
+        f"{f'; {damaged} damaged frame(s), each shown as the one before' if damaged else ''}"
+        f"; {skeleton.people} "
         f"person(s), in {skeleton.frames_with_people} frames; pose {seconds:.1f} s "
         f"({skeleton.frames / max(seconds, 1e-9):.1f} frames/s)"
     )

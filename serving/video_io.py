@@ -14,7 +14,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from models.skeleton import EDGES
 from stages.errors import RejectedInput
+from stages.video_frames import FrameCount, read_frames
 
 from .settings import Settings
 
@@ -64,6 +65,9 @@ class VideoInfo:
     fps: float  # 0 when the container does not say
     declared_frames: int  # the container's count (may be 0 or wrong; the decoded frames count)
     analysed_fps: float = 0.0  # the rate of the frames open_video yields (0: the container's, unknown)
+    # the source frames decoded and those that could not be (each replaced by the frame before it),
+    # counted as the frames are read
+    read: FrameCount = field(default_factory=FrameCount)
 
     @property
     def resampled(self) -> bool:
@@ -113,12 +117,16 @@ def saved_upload(source: BinaryIO) -> Iterator[Path]:
         yield path
 
 
-def _decoded(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            return
+def _decoded(capture: cv2.VideoCapture, declared: int, count: FrameCount) -> Iterator[np.ndarray]:
+    """The frames in order; a frame that cannot be decoded is the one before it again (the picture
+    on screen stays, so time is kept; the first good frame stands in for damaged ones before it)."""
+    previous, expected = None, 0
+    for index, frame in read_frames(capture, declared, 1, count):
+        fill = frame if previous is None else previous
+        for _ in range(index - expected):
+            yield fill.copy()  # a copy: callers may draw on a frame
         yield frame
+        previous, expected = frame, index + 1
 
 
 def analysis_rate(fps: float, target: float = ACTION_FPS) -> float:
@@ -163,7 +171,9 @@ def open_video(
 ) -> Iterator[tuple[VideoInfo, Iterator[np.ndarray]]]:
     """``(info, frames)`` of the video at ``path``: uint8 BGR frames ``(H, W, 3)``, decoded lazily and
     resampled to ``fps`` (:func:`analysis_rate`; 0 keeps every frame). ``max_frames`` counts the
-    frames yielded, so at the default rate it is a duration: 900 frames, 30 s, at any frame rate."""
+    frames yielded, so at the default rate it is a duration: 900 frames, 30 s, at any frame rate.
+    A frame OpenCV cannot decode does not end the video: the one before it stands in for it
+    (:mod:`stages.video_frames`), counted in ``info.read`` once the frames are consumed."""
     if not Path(path).is_file():
         raise VideoError("unreadable_video", f"{path}: no such file")
     capture = cv2.VideoCapture(str(path))
@@ -185,10 +195,8 @@ def open_video(
             raise VideoError(
                 "too_long", f"the video has {declared} frames{at}; at most {max_frames} are analysed"
             )
-        yield (
-            VideoInfo(width, height, source, declared, rate),
-            _limited(resample(_decoded(capture), source, rate), max_frames, rate),
-        )
+        info = VideoInfo(width, height, source, declared, rate)
+        yield info, _limited(resample(_decoded(capture, declared, info.read), source, rate), max_frames, rate)
     finally:
         capture.release()
 

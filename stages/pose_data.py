@@ -23,7 +23,8 @@ also kept only when it labels as many people as the file's fullest frame, and th
 official missing-skeleton list are excluded.
 
 Output ``out_dir/pose.zarr`` (sharded along N) and ``out_dir/videos.parquet`` (one row per pair:
-split membership, counts, and the reason for every rejected pair). Coordinates follow the pixel-centre
+split membership, counts, the reason for every rejected pair, and for a used pair with damaged frames
+their count: they are skipped, the frames after them keep their labels). Coordinates follow the pixel-centre
 convention (pixel ``i`` covers ``[i - 0.5, i + 0.5)``), the one ``cv2.warpAffine`` uses.
 """
 
@@ -54,6 +55,7 @@ from stages.errors import RejectedInput
 from stages.params import ParamsError, load_section, usable_cpus
 from stages.skeleton_text import parse_skeleton
 from stages.store import atomic_directory, compressor, write_metrics
+from stages.video_frames import FrameCount, read_frames
 
 COLOR_SIZE = (1920, 1080)  # the frame the .skeleton colour coordinates refer to
 VIDEO_SUFFIXES = ("_rgb.avi", "_rgb.mp4")
@@ -178,20 +180,6 @@ def _people_by_frame(skeleton_bytes: bytes, scale: tuple[float, float]) -> dict[
     return people
 
 
-def _frames(capture: cv2.VideoCapture, stride: int) -> Iterator[tuple[int, np.ndarray]]:
-    index = 0
-    while True:
-        if index % stride:
-            if not capture.grab():
-                return
-        else:
-            ok, frame = capture.read()
-            if not ok:
-                return
-            yield index, frame
-        index += 1
-
-
 def process_pair(
     pair: Pair, params: PoseDataParams, rules: LabelRules = LabelRules()
 ) -> tuple[dict, dict | None]:
@@ -228,19 +216,22 @@ def _open_and_label(pair: Pair, params: PoseDataParams, row: dict, rules: LabelR
         # Real labels: a frame is complete when it has as many people as the file's fullest frame.
         expected = max(map(len, labels.values()), default=0) if rules.real else 0
         out = _Collector(params, expected)
-        decoded = 0
-        for index, frame in _frames(capture, params.frame_stride):
-            decoded += 1
+        count = FrameCount()
+        declared = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+        # a damaged frame is skipped and the frames after it keep their indices (their labels)
+        for index, frame in read_frames(capture, declared, params.frame_stride, count):
             out.add(index, frame, labels.get(index, []))
         row.update(
             width=width,
             height=height,
-            frames_used=decoded,
+            frames_used=count.decoded,
             crops=len(out.crops),
             skeleton_frames=max(labels, default=-1) + 1,
         )
-        if decoded == 0:
+        if count.decoded == 0:
             raise RejectedInput("unreadable_video", "no frame could be decoded")
+        if count.unreadable:
+            row["reason"] = f"unreadable_frames: {count.unreadable} frame(s) could not be decoded; skipped"
         return out.arrays()
     finally:
         capture.release()

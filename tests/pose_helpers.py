@@ -97,3 +97,17 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = 30.0) -> Path
         writer.write(frame)
     writer.release()
     return path
+
+
+def damage_frames(data: bytes, frames: list[int]) -> bytes:
+    """An MJPG ``.avi`` (:func:`write_video`) whose frames ``frames`` hold zeros instead of a JPEG:
+    OpenCV cannot decode them, and decodes the frames after them."""
+    out = bytearray(data)
+    chunks, start = [], data.index(b"movi")
+    while (at := data.find(b"00dc", start)) >= 0:
+        chunks.append(at)
+        start = at + 4
+    for f in frames:
+        size = int.from_bytes(data[chunks[f] + 4 : chunks[f] + 8], "little")
+        out[chunks[f] + 8 : chunks[f] + 8 + size] = bytes(size)
+    return bytes(out)

@@ -25,6 +25,7 @@ from stages.skeleton_text import parse_skeleton
 from stages.synthesize import SynthesizeParams
 from stages.synthesize import run as synthesize
 from stages.training import Recipe, load_checkpoint
+from tests.pose_helpers import damage_frames
 
 TINY = SynthesizeParams(
     seed=7,
@@ -137,6 +138,26 @@ def test_bad_pairs_are_rejected_with_reasons_and_the_rest_kept(pose_pairs, tmp_p
     assert summary["videos_ok"] == len(good) - 1
     rows = pq.read_table(tmp_path / "out" / "videos.parquet").to_pylist()
     assert summary["crops"] == sum(r["crops"] for r in rows if r["status"] == "ok")  # nothing kept of "clip"
+
+
+def test_a_damaged_frame_is_skipped_and_the_later_frames_keep_their_labels(pose_pairs, tmp_path):
+    """A frame OpenCV cannot decode used to end the video silently (the rest of its crops lost)."""
+    root, _ = pose_pairs
+    video = sorted((root / "rgb").glob("*_rgb.avi"))[0]
+    name = video.name[: -len("_rgb.avi")]
+    skeleton = str(root / "raw" / f"{name}.skeleton")
+    damaged = tmp_path / video.name
+    damaged.write_bytes(damage_frames(video.read_bytes(), [12, 13]))  # frame 12 is read, 13 grabbed
+    row, clean = pose_data.process_pair(pose_data.Pair(name, str(video), skeleton), PARAMS)
+    assert row["status"] == "ok" and row["reason"] == ""
+    row, got = pose_data.process_pair(pose_data.Pair(name, str(damaged), skeleton), PARAMS)
+    assert row["status"] == "ok"
+    assert row["reason"] == "unreadable_frames: 2 frame(s) could not be decoded; skipped"
+    keep = clean["crop_frame"] != 12
+    assert 0 < keep.sum() < len(keep) and clean["crop_frame"].max() > 12
+    np.testing.assert_array_equal(got["crop_frame"], clean["crop_frame"][keep])
+    for key in ("crops", "joints2d", "joints3d"):
+        np.testing.assert_array_equal(got[key], clean[key][keep])
 
 
 def _edit_skeleton(text: str, edit) -> str:

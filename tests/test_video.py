@@ -21,10 +21,11 @@ from serving import video, video_actions, video_io
 from serving.app import create_app
 from serving.pose_runtime import PoseRuntime
 from serving.schemas import ClassScore, Prediction
+from stages import video_frames
 from stages.ntu_files import MUTUAL_ACTIONS
 from stages.pose_data import crop_matrix, square_crop
 from tests.factory import STANDING, moving
-from tests.pose_helpers import pose_export, stick_figure_frames, write_video
+from tests.pose_helpers import damage_frames, pose_export, stick_figure_frames, write_video
 from tests.serving_helpers import Reference, as_clip, raw_files, serving, settings_for, softmax
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -415,6 +416,31 @@ def test_videos_are_analysed_at_the_action_models_30_fps(tmp_path, fps, expected
         assert len(list(frames)) == len(got)
 
 
+def test_a_damaged_frame_does_not_end_the_video(tmp_path):
+    """OpenCV fails on a frame it cannot decode as it does at the end: the frames after a damaged
+    one are read (they used to be lost), a damaged frame is shown as the one before it (so time is
+    kept), the pose stage's indices stay those of the file (labels by frame number stay aligned), and
+    the damage is counted."""
+    clean = write_video(tmp_path / "clean.avi", _numbered_frames(60))
+    path = tmp_path / "damaged.avi"
+    path.write_bytes(damage_frames(clean.read_bytes(), [0, 20, 21, 59]))
+    with video_io.open_video(path, fps=0) as (info, frames):
+        numbers = _frame_numbers(list(frames))
+    assert numbers == [1, *range(1, 20), 19, 19, *range(22, 59)]  # the last one ends the video
+    assert (info.read.decoded, info.read.unreadable, info.declared_frames) == (56, 3, 60)
+    capture = cv2.VideoCapture(str(path))
+    count = video_frames.FrameCount()
+    got = list(video_frames.read_frames(capture, 60, 3, count))
+    capture.release()
+    assert [i for i, _ in got] == [i for i in range(3, 60, 3) if i != 21]
+    assert _frame_numbers(f for _, f in got) == [i for i, _ in got]
+    assert (count.decoded, count.unreadable) == (18, 3)  # a grabbed frame that fails counts too
+    # unknown length (a container without a count): it ends after MAX_UNREADABLE_RUN failures
+    capture = cv2.VideoCapture(str(path))
+    assert len(list(video_frames.read_frames(capture, 0))) == 56
+    capture.release()
+
+
 def test_uploads_are_recognised_by_name_type_and_content(clip_path):
     data = clip_path.read_bytes()
     assert (
@@ -573,6 +599,7 @@ def test_video_endpoint_names_the_actions_of_an_upload(client, clip_path, runtim
     body = response.json()
     assert (body["frames"], body["width"], body["height"], body["fps"]) == (40, 320, 180, 30.0)
     assert body["analysed_fps"] == 30.0
+    assert (body["declared_frames"], body["decoded_frames"], body["unreadable_frames"]) == (40, 40, 0)
     _, skeleton = video.skeleton_from_file(clip_path, runtime)  # the CLI's path gives the same answer
     assert (body["people"], body["frames_with_people"]) == (skeleton.people, 40)
     assert body["pose_model"]["version"] == runtime.version and body["skeletons"] is None
