@@ -191,10 +191,18 @@ def open_video(
         rate = analysis_rate(source, fps)
         expected = declared * rate / source if source and rate else declared
         if math.ceil(expected - 1e-6) > max_frames:
-            at = f" at {source:g} fps, {math.ceil(expected - 1e-6)} at {rate:g} fps" if rate != source else ""
-            raise VideoError(
-                "too_long", f"the video has {declared} frames{at}; at most {max_frames} are analysed"
-            )
+            # the count can lie (an AVI header): refuse at once only when the frame past the limit
+            # is there, else decode and let _limited count (the check reads one frame; reopen after)
+            beyond = math.floor(max_frames * source / rate) if source and rate else max_frames
+            capture.set(cv2.CAP_PROP_POS_FRAMES, beyond)
+            if capture.grab():
+                at = f" at {source:g} fps, {math.ceil(expected - 1e-6)} at {rate:g} fps"
+                at = at if rate != source else ""
+                raise VideoError(
+                    "too_long", f"the video has {declared} frames{at}; at most {max_frames} are analysed"
+                )
+            capture.release()
+            capture = cv2.VideoCapture(str(path))
         info = VideoInfo(width, height, source, declared, rate)
         yield info, _limited(resample(_decoded(capture, declared, info.read), source, rate), max_frames, rate)
     finally:

@@ -441,6 +441,21 @@ def test_a_damaged_frame_does_not_end_the_video(tmp_path):
     capture.release()
 
 
+def test_a_frame_count_that_lies_is_checked_before_a_video_is_refused(tmp_path):
+    """An AVI whose stream header claims 100,000 frames holds 60: it is analysed, not refused as too
+    long; a video that truly runs past the limit is still refused before decoding."""
+    path = write_video(tmp_path / "clip.avi", _numbered_frames(60))
+    data = bytearray(path.read_bytes())
+    header = data.index(b"strh") + 8
+    data[header + 32 : header + 36] = (100_000).to_bytes(4, "little")  # AVISTREAMHEADER.dwLength
+    path.write_bytes(bytes(data))
+    with video_io.open_video(path) as (info, frames):
+        assert info.declared_frames == 100_000 and _frame_numbers(frames) == list(range(60))
+    with pytest.raises(video_io.VideoError, match="the video has 100000 frames") as caught:
+        video_io.open_video(path, max_frames=59).__enter__()  # frame 59 is there: refused at once
+    assert caught.value.code == "too_long"
+
+
 def test_uploads_are_recognised_by_name_type_and_content(clip_path):
     data = clip_path.read_bytes()
     assert (
