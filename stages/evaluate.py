@@ -113,10 +113,11 @@ def build_model(ckpts: dict[str, dict], fusion: str, weights: dict[str, float]) 
 
 @torch.inference_mode()
 def stream_outputs(
-    model: MultiStream, loader, rt: training.Runtime
+    model: MultiStream, loader, rt: training.Runtime, per_clip: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Per-stream scores ``(S, N, K)`` and features ``(N, F)`` over ``loader``; multi-clip batches
-    ``(N, clips, ...)`` are averaged as probabilities (returned as log-probabilities) and features."""
+    ``(N, clips, ...)`` are averaged as probabilities (returned as log-probabilities) and features,
+    or with ``per_clip`` returned clip by clip, ``(S, N * clips, K)`` and ``(N * clips, F)``."""
     model.eval()
     scores, feats, labels = [], [], []
     for x, y in loader:
@@ -125,13 +126,26 @@ def stream_outputs(
         with rt.autocast():
             s, f = model.per_stream(x.flatten(0, 1) if clips else x)
         s, f = s.float(), f.float()
-        if clips:
+        if clips and not per_clip:
             s = training.average_clips(s, clips)  # S, N, K
             f = f.view(-1, clips, f.shape[-1]).mean(1)
         scores.append(s.cpu())
         feats.append(f.cpu())
         labels.append(y)
     return torch.cat(scores, 1), torch.cat(feats), torch.cat(labels).numpy()
+
+
+@torch.no_grad()
+def fuse_clips(
+    model: MultiStream, scores: torch.Tensor, feats: torch.Tensor, clips: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-clip stream scores ``(S, N * clips, K)`` and features -> the fused scores ``(N, K)`` as the
+    server combines a sample's clips (each clip fused, the clips' probabilities averaged, returned
+    as log-probabilities; one clip: the fused scores), and each stream's scores ``(S, N, K)``."""
+    fused = model.fuse(scores, feats)
+    if clips > 1:
+        return training.average_clips(fused, clips), training.average_clips(scores, clips)
+    return fused, scores
 
 
 def fused_record(
@@ -252,14 +266,21 @@ def run(
             )
         return make_loader(ds, params.batch_size, shuffle=False, num_workers=params.workers)
 
+    # The model's own figures fuse the way the server does: each clip's streams fused, then the
+    # clips' probabilities averaged (one clip: the fused scores); each stream's clips are averaged
+    # for its own figure. (The multi_clips report below fuses pyskl's way: each stream's clips
+    # averaged first, then fused.) A learned fusion head is fitted on clips, as it is applied.
+    clips = loader_params.test_clips if loader_params.sampling == "uniform" else 1
     fit_losses = []
     if params.fusion != "sum":
-        train_scores, train_feats, train_labels = stream_outputs(model, loader("train", loader_params), rt)
-        fit_losses = fit_fusion_head(model.cpu(), train_scores, train_feats, torch.from_numpy(train_labels))
+        train_scores, train_feats, train_labels = stream_outputs(
+            model, loader("train", loader_params), rt, per_clip=True
+        )
+        train_labels = torch.from_numpy(np.repeat(train_labels, clips))
+        fit_losses = fit_fusion_head(model.cpu(), train_scores, train_feats, train_labels)
         model = model.to(rt.device).eval()
-    scores, feats, labels = stream_outputs(model, loader("test", loader_params), rt)
-    with torch.no_grad():
-        fused = model.cpu().fuse(scores, feats)
+    scores, feats, labels = stream_outputs(model, loader("test", loader_params), rt, per_clip=True)
+    fused, scores = fuse_clips(model.cpu(), scores, feats, clips)
     metrics: dict = {"benchmark": benchmark, "fusion": params.fusion, "test_samples": len(labels)}
     metrics["centre_clip"] = {
         "fused": _accuracy(fused, labels),

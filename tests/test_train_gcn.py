@@ -365,6 +365,29 @@ def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path)
         )  # fmt: skip
         assert fused["fusion"] == fusion and 0 <= fused["centre_clip"]["fused"]["top1"] <= 1
 
+    # Multi-clip sampling (what a bundle with it serves): each clip fused, the clips' probabilities
+    # averaged, as the server's score_summary does (evaluate used to fuse each stream's averaged clips)
+    from serving.service import score_summary
+
+    uniform = dataclasses.replace(LOADER, sampling="uniform", test_clips=3)
+    served = evaluate.run(
+        dataclasses.replace(eparams, multi_clips=0), params, uniform,
+        features_dir=tiny_features, checkpoints_dir=tmp_path / "ck", out_dir=tmp_path / "ev3",
+    )  # fmt: skip
+    ckpts = evaluate.load_streams(tmp_path / "ck", ("joint", "bone"), "last")
+    fused_model = evaluate.build_model(ckpts, "sum", eparams.fusion_weights)
+    names = ckpts["joint"]["class_names"]
+    label_map = [{"index": k, "id": k, "name": n} for k, n in enumerate(names)]
+    test = SkeletonDataset(
+        tiny_features, stream="joint", benchmark="ntu120_xsub", split="test", params=uniform, train=False
+    )
+    with torch.no_grad():
+        tops = [score_summary(fused_model(x).numpy(), label_map, 1, 0, 0.0)["top"][0] for x, _ in test]
+    predicted = [r.split(",")[1] for r in (tmp_path / "ev3" / "confusion.csv").read_text().splitlines()[1:]]
+    assert predicted == [t["name"] for t in tops]
+    accuracy = np.mean([t["index"] == y for t, (_, y) in zip(tops, test, strict=True)])
+    assert served["centre_clip"]["fused"]["top1"] == pytest.approx(accuracy, abs=1e-4)
+
     # A test split without the pair's classes: no pair accuracy (NaN is not JSON), blank per-class
     # cells; an empty test split: a message before any work, in evaluate and in train_gcn
     only50 = _with_test_split(tiny_features, tmp_path / "only50", lambda action: action == 50)
@@ -419,6 +442,30 @@ def test_fusion_weights_are_checked(weights, streams, phrase):
         eparams.check_streams(streams)
     assert phrase in str(info.value)
     evaluate.EvaluateParams(fusion="concat", fusion_weights={}).check_streams(("joint", "bone"))  # unused
+
+
+def test_clips_are_fused_one_by_one_then_averaged_as_the_server_does():
+    """A sample's clips: the fused score of each, their probabilities averaged (the server's
+    score_summary), not each stream's clips averaged and then fused (pyskl's ensemble), which can
+    name another class: evaluate's figure for a multi-clip bundle is the served model's."""
+    from models.ctrgcn import config_for
+    from models.two_stream import MultiStream
+    from serving.service import score_summary
+
+    configs = {n: config_for("small", num_classes=3) for n in ("joint", "bone")}
+    model = MultiStream(configs, fusion="sum", weights={"joint": 0.6, "bone": 0.6}).eval()
+    scores = torch.tensor(
+        [[[-3.4, 4.4, -4.3], [0.5, -2.3, 1.5]], [[-3.6, -6.0, 1.5], [5.8, 3.8, 3.1]]]
+    )  # 2 streams x 2 clips of one sample x 3 classes
+    fused, per_stream = evaluate.fuse_clips(model, scores, torch.zeros(2, 1), clips=2)
+    labels = [{"index": k, "id": k, "name": str(k)} for k in range(3)]
+    served = score_summary((0.6 * scores.sum(0)).numpy(), labels, 3, 0, 0.0)
+    np.testing.assert_allclose(torch.softmax(fused[0], 0).numpy(), served["probabilities"], atol=1e-6)
+    pyskl = 0.6 * training.average_clips(scores, 2).sum(0)[0]
+    assert int(fused[0].argmax()) == 0 != int(pyskl.argmax())  # the two rules disagree here
+    np.testing.assert_allclose(per_stream.numpy(), training.average_clips(scores, 2).numpy())
+    one, _ = evaluate.fuse_clips(model, scores[:, :1], torch.zeros(1, 1), clips=1)
+    np.testing.assert_allclose(one.numpy(), 0.6 * scores[:, :1].sum(0).numpy(), atol=1e-6)
 
 
 def test_confusion_summaries_on_known_predictions():
