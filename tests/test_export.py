@@ -166,6 +166,27 @@ def test_int8_scores_stay_close_to_fp32(tiny_bundle):
     assert np.mean(q.argmax(1) == fp32.argmax(1)) == pytest.approx(int8["top1_agreement_with_fp32"], abs=1e-5)
 
 
+def test_the_test_split_is_read_in_blocks(tiny_bundle):
+    """The stage's checks read the test split a block at a time (NTU-120's X-Sub test split is 2 GB
+    of clips as one array): the blocks are the split's clips, in order, and a seeded subset."""
+    args = (tiny_bundle.features_dir, "ntu120_xsub", "test", LoaderParams())
+    clips, labels = export.split_clips(*args)
+    blocks = list(export.split_blocks(*args, block=5))
+    assert [len(c) for c, _ in blocks] == [5] * (len(clips) // 5) + (
+        [len(clips) % 5] if len(clips) % 5 else []
+    )
+    np.testing.assert_array_equal(np.concatenate([c for c, _ in blocks]), clips)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in blocks]), labels)
+    subset = list(export.split_blocks(*args, limit=7, seed=3, block=4))
+    assert [len(c) for c, _ in subset] == [4, 3]
+    assert export.split_clips(*args, limit=7, seed=3)[0].shape[0] == 7
+    runs = {"first": lambda c: c[:, 0, 0, 0, :1], "n": lambda c: np.full((len(c), 1), len(c))}
+    scores, got_labels, one = export.score_blocks(runs, iter(blocks))
+    np.testing.assert_array_equal(scores["first"], clips[:, 0, 0, 0, :1])
+    assert scores["n"].max() == 5 and one.shape == (1, *clips.shape[1:])
+    np.testing.assert_array_equal(got_labels, labels)
+
+
 @pytest.mark.parametrize("engine", ["agrees", "disagrees"])
 def test_the_tensorrt_branch_bundles_an_engine_only_when_it_agrees_with_onnx(
     tiny_bundle, tmp_path, monkeypatch, engine
