@@ -13,10 +13,11 @@ otherwise), ``GET /metrics`` (Prometheus).
   request itself succeeds; a bad clip does not cost the good ones their answer);
 - ``POST /v1/predict/file``: a raw NTU ``.skeleton`` file as the multipart field ``file``, parsed and
   denoised by the parse stage's code; a malformed file gets the parser's reason.
-- ``POST /v1/predict/video``: an ``.avi`` / ``.mp4`` video as the multipart field ``file``: the pose
-  estimator finds and tracks up to two people (:mod:`serving.video`), and the video action model
-  (``video_bundle_dir``: the action model fine-tuned on the estimator's skeletons; the clip model when
-  there is no such bundle) names their action per window of ``video_window`` frames;
+- ``POST /v1/predict/video``: a video (``.avi``, ``.mp4`` / ``.mov``, ``.webm`` / ``.mkv``) as the
+  multipart field ``file``: the pose estimator finds and tracks up to two people
+  (:mod:`serving.video`), and the video action model (``video_bundle_dir``: the action model
+  fine-tuned on the estimator's skeletons; the clip model when there is no such bundle) names
+  their action per window of ``video_window`` frames;
   ``skeletons=true`` (query or form field) adds the tracked skeletons. 503 ``no_pose_model`` while no
   pose export is loaded (the other routes still work), and 503 ``no_video_model`` when the configured
   video bundle failed verification; an unreadable video, a video too short or too long, or one with
@@ -159,7 +160,11 @@ _VIDEO_UPLOAD = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "an .avi or .mp4"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "an .avi, .mp4 / .mov or .webm / .mkv video",
+                        },
                         "skeletons": {"type": "boolean", "description": "include the skeletons"},
                     },
                     "required": ["file"],
@@ -343,7 +348,7 @@ async def predict_video(request: Request, service: Service_, skeletons: bool = F
             raise ApiError(
                 422,
                 "missing_file",
-                "no file in the multipart field 'file' (an .avi or .mp4 video; a body cut short before "
+                f"no file in the multipart field 'file' ({video_io.KINDS}; a body cut short before "
                 "its closing boundary has none)",
             )
         skeletons = skeletons or _flag(form.get("skeletons"))
@@ -351,7 +356,8 @@ async def predict_video(request: Request, service: Service_, skeletons: bool = F
             raise ApiError(
                 415,
                 "unsupported_media_type",
-                f"upload an .avi or .mp4 video (got {upload.filename!r}, {upload.content_type or 'no type'})",
+                f"upload {video_io.KINDS}: {' '.join(video_io.VIDEO_SUFFIXES)} "
+                f"(got {upload.filename!r}, {upload.content_type or 'no type'})",
             )
         started = time.perf_counter()  # the upload is in (a temporary file)
         info, skeleton = await anyio.to_thread.run_sync(  # VideoError -> 422

@@ -1,6 +1,6 @@
 """Video files in and out for :mod:`serving.video`: uploads, decoding, and the annotated video.
 
-:func:`saved_upload` keeps an upload as a temporary ``.avi`` / ``.mp4`` named by its content
+:func:`saved_upload` keeps an upload as a temporary ``.avi`` / ``.mp4`` / ``.mkv`` named by its content
 (:func:`sniff_container`), :func:`open_video` decodes frames lazily with OpenCV, at the action
 model's 30 frames/s whatever the video's rate (:func:`resample`), and rejects what it cannot use with
 a :class:`VideoError`, and :func:`annotate` writes the video back with each actor's
@@ -34,8 +34,20 @@ if TYPE_CHECKING:
 MAX_FRAMES = Settings.model_fields["video_max_frames"].default  # 900: 30 s at 30 fps
 ACTION_FPS = 30.0  # NTU's Kinect rate: the action model's windows and motion are in these frames
 RATE_TOLERANCE = 0.05  # a video within 5% of ACTION_FPS (29.97, NTSC) keeps every frame
-VIDEO_SUFFIXES = (".avi", ".mp4")
-VIDEO_TYPES = ("video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi", "video/mp4")
+# The containers an upload may be, by the kind sniff_container finds in its first bytes: AVI,
+# ISO media (MP4, and a phone's QuickTime .mov / .m4v), Matroska (a browser's MediaRecorder .webm, .mkv)
+CONTAINERS = {
+    ".avi": (".avi",),
+    ".mp4": (".mp4", ".mov", ".m4v"),
+    ".mkv": (".mkv", ".webm"),
+}
+VIDEO_SUFFIXES = tuple(s for names in CONTAINERS.values() for s in names)
+VIDEO_TYPES = {
+    **dict.fromkeys(("video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi"), ".avi"),
+    **dict.fromkeys(("video/mp4", "video/quicktime", "video/x-m4v"), ".mp4"),
+    **dict.fromkeys(("video/webm", "video/x-matroska"), ".mkv"),
+}
+KINDS = "an AVI, MP4 / MOV or WebM / MKV video"
 WRITERS = {".mp4": "mp4v", ".avi": "MJPG"}
 SLOT_COLOURS = ((90, 220, 90), (40, 170, 255))  # BGR: slot 0 green, slot 1 orange
 MIN_SIDE, MAX_SIDE = 16, 4096  # frame sides in pixels: 4K video either way up
@@ -78,23 +90,25 @@ class VideoInfo:
 
 
 def sniff_container(head: bytes) -> str | None:
-    """``.avi`` or ``.mp4`` from the first bytes of a file (RIFF/AVI header, ISO media box), else None."""
+    """The container of a file from its first bytes: ``.avi`` (RIFF/AVI header), ``.mp4`` (an ISO
+    media box: MP4, QuickTime, M4V) or ``.mkv`` (an EBML header: Matroska, WebM), else None."""
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return ".avi"
     if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
         return ".mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return ".mkv"
     return None
 
 
 def upload_suffix(filename: str | None, content_type: str | None) -> str | None:
-    """The video kind an upload declares (by its name, else its content type), or None."""
+    """The container an upload declares (by its name, else its content type; a key of
+    :data:`CONTAINERS`), or None."""
     suffix = Path(filename or "").suffix.lower()
-    if suffix in VIDEO_SUFFIXES:
-        return suffix
-    media = (content_type or "").split(";")[0].strip().lower()
-    if media in VIDEO_TYPES:
-        return ".mp4" if media == "video/mp4" else ".avi"
-    return None
+    for container, names in CONTAINERS.items():
+        if suffix in names:
+            return container
+    return VIDEO_TYPES.get((content_type or "").split(";")[0].strip().lower())
 
 
 @contextlib.contextmanager
@@ -102,12 +116,13 @@ def saved_upload(source: BinaryIO) -> Iterator[Path]:
     """An uploaded video as a temporary file (OpenCV reads files, not memory), named by its content."""
     head = source.read(16)
     if not head:
-        raise VideoError("empty", "the uploaded file is empty; send an .avi or .mp4 video")
+        raise VideoError("empty", f"the uploaded file is empty; send {KINDS}")
     suffix = sniff_container(head)
     if suffix is None:
         raise VideoError(
             "unreadable_video",
-            "the file is not an AVI or MP4 video (it starts with neither a RIFF/AVI header nor an MP4 box)",
+            f"the file is not {KINDS} "
+            "(it starts with neither a RIFF/AVI header, an MP4 box nor an EBML header)",
         )
     with tempfile.TemporaryDirectory(prefix="ntu-video-") as tmp:
         path = Path(tmp) / f"upload{suffix}"

@@ -88,8 +88,8 @@ def stick_figure_frames(frames: int, width: int = 320, height: int = 180) -> lis
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 30.0) -> Path:
-    """``frames`` as ``path`` (``.avi``: MJPG, ``.mp4``: mp4v)."""
-    codec = {".avi": "MJPG", ".mp4": "mp4v"}[path.suffix]
+    """``frames`` as ``path`` (``.avi``, ``.mkv``: MJPG; ``.mp4``, ``.mov``: mp4v; ``.webm``: VP8)."""
+    codec = {".avi": "MJPG", ".mp4": "mp4v", ".mov": "mp4v", ".mkv": "MJPG", ".webm": "VP80"}[path.suffix]
     h, w = frames[0].shape[:2]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (w, h))
     assert writer.isOpened(), f"OpenCV cannot write {path}"

@@ -462,11 +462,16 @@ def test_uploads_are_recognised_by_name_type_and_content(clip_path):
         video_io.sniff_container(data[:16]) == ".avi"
         and video_io.sniff_container(b"\0\0\0\x20ftypisom") == ".mp4"
     )
+    assert video_io.sniff_container(b"\0\0\0\x14ftypqt  ") == ".mp4"  # an iPhone's QuickTime .mov
+    assert video_io.sniff_container(b"\x1a\x45\xdf\xa3\x9fB\x86\x81\x01") == ".mkv"  # WebM / Matroska
     assert video_io.sniff_container(b"hello world") is None
     assert (
         video_io.upload_suffix("a.MP4", None) == ".mp4"
         and video_io.upload_suffix("clip", "video/x-msvideo") == ".avi"
     )
+    assert video_io.upload_suffix("IMG_0001.MOV", None) == ".mp4"
+    assert video_io.upload_suffix("blob", "video/webm;codecs=vp8") == ".mkv"
+    assert video_io.upload_suffix("clip", "video/quicktime") == ".mp4"
     assert video_io.upload_suffix("notes.txt", "text/plain") is None
     with video_io.saved_upload(io.BytesIO(data)) as path:  # an AVI is saved as .avi whatever its name
         assert path.suffix == ".avi" and path.read_bytes() == data
@@ -641,7 +646,7 @@ def test_video_endpoint_names_the_actions_of_an_upload(client, clip_path, runtim
 def test_video_endpoint_refuses_bad_uploads(client, tmp_path):
     post = lambda **kw: client.post("/v1/predict/video", **kw)  # noqa: E731
     _is_error(
-        post(files={"file": ("x.avi", b"\x00garbage" * 100)}), 422, "unreadable_video", "not an avi or mp4"
+        post(files={"file": ("x.avi", b"\x00garbage" * 100)}), 422, "unreadable_video", "not an avi, mp4"
     )
     riff = b"RIFF\x00\x00\x00\x00AVI " + bytes(range(256)) * 4
     _is_error(post(files={"file": ("x.avi", riff)}), 422, "unreadable_video", "opencv cannot decode")
@@ -655,6 +660,22 @@ def test_video_endpoint_refuses_bad_uploads(client, tmp_path):
     _is_error(post(files={"file": ("short.avi", short)}), 422, "too_short", "at least 16")
     tall = write_video(tmp_path / "tall.avi", [np.full((2048, 16, 3), 35, np.uint8)] * 8).read_bytes()
     _is_error(post(files={"file": ("tall.avi", tall)}), 422, "frame_size", "at most 4 times as tall")
+
+
+@pytest.mark.parametrize(
+    ("name", "media"), [("IMG_0001.MOV", "video/quicktime"), ("recording.webm", "video/webm")]
+)
+def test_video_endpoint_takes_phone_and_browser_recordings(client, tmp_path, name, media):
+    """An iPhone's QuickTime .mov and a browser MediaRecorder's WebM (VP8) were refused with 415;
+    OpenCV decodes both. Their content decides how they are read, whatever their name."""
+    path = write_video(
+        tmp_path / Path(name).with_suffix(Path(name).suffix.lower()).name, stick_figure_frames(40)
+    )
+    response = client.post("/v1/predict/video", files={"file": (name, path.read_bytes(), media)})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["frames"], body["decoded_frames"], body["width"], body["height"]) == (40, 40, 320, 180)
+    assert body["frames_with_people"] == 40 and len(body["windows"]) == 1
 
 
 def test_video_endpoint_size_limit(tiny_bundle, exported, clip_path):
