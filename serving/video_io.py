@@ -1,10 +1,10 @@
 """Video files in and out for :mod:`serving.video`: uploads, decoding, and the annotated video.
 
-:func:`saved_upload` keeps an upload as a temporary ``.avi`` / ``.mp4`` / ``.mkv`` named by its content
-(:func:`sniff_container`), :func:`open_video` decodes frames lazily with OpenCV, at the action
-model's 30 frames/s whatever the video's rate (:func:`resample`), and rejects what it cannot use with
-a :class:`VideoError`, and :func:`annotate` writes the video back with each actor's
-skeleton and the actions drawn on it.
+:func:`saved_upload` keeps an upload as a temporary ``.avi`` / ``.mp4`` / ``.mkv`` named by its
+content (:func:`sniff_container`), :func:`open_video` decodes frames lazily with OpenCV, at the
+action model's 30 frames/s whatever the video's rate, by each frame's own time (:func:`resample`),
+and rejects what it cannot use with a :class:`VideoError`, and :func:`annotate` writes the video
+back with each actor's skeleton and the actions drawn on it.
 """
 
 from __future__ import annotations
@@ -152,21 +152,56 @@ def analysis_rate(fps: float, target: float = ACTION_FPS) -> float:
     return target
 
 
-def resample(frames: Iterable[np.ndarray], fps: float, target: float) -> Iterator[np.ndarray]:
-    """Frames at ``fps`` -> frames at ``target``: output frame ``k`` is the source frame on screen at
-    time ``k / target`` (frame ``i`` shows from ``i / fps`` until the next), so a 60 fps video gives
-    every other frame, a 15 fps one each frame twice and a 25 fps one repeats every fifth (repeats are
-    copies: callers may draw on a frame); ``ceil(n * target / fps)`` frames in all. Constant rate
-    assumed (a variable rate video is taken at its mean rate)."""
-    if fps <= 0 or target <= 0 or fps == target:
-        yield from frames
-        return
-    k = 0
-    for i, frame in enumerate(frames):
+GRID_SNAP_S = 1e-3  # a timestamp within 1 ms of its place on the container's rate grid is on it
+
+
+def _timed(
+    capture: cv2.VideoCapture, declared: int, count: FrameCount, fps: float
+) -> Iterator[tuple[float, np.ndarray]]:
+    """``(t, frame)`` of each decoded frame, ``t`` in seconds from the first one: the frame's own
+    timestamp (``CAP_PROP_POS_MSEC``; a phone's variable-rate video has frames 1/60 s apart here
+    and 1/15 s there), snapped to ``i / fps`` when within :data:`GRID_SNAP_S` of it (a constant-rate
+    container's, given to the millisecond by some); a missing or non-increasing one is taken as the
+    grid's (or one frame after the last). A damaged frame leaves a gap: the one before stays on."""
+    first, t0, last = None, 0.0, -math.inf
+    for index, frame in read_frames(capture, declared, 1, count):
+        ms = capture.get(cv2.CAP_PROP_POS_MSEC)
+        if first is None:
+            first, t0 = index, (ms / 1000 if math.isfinite(ms) else 0.0)
+        grid = (index - first) / fps
+        t = ms / 1000 - t0 if math.isfinite(ms) else grid
+        if abs(t - grid) < GRID_SNAP_S:
+            t = grid
+        if not t > last:
+            t = grid if grid > last else last + 1 / fps
+        last = t
+        yield t, frame
+
+
+def resample(
+    timed: Iterable[tuple[float, np.ndarray]], target: float, last_duration: float
+) -> Iterator[np.ndarray]:
+    """Frames at times ``t`` (seconds) -> frames at ``target`` per second: output frame ``k`` is the
+    frame on screen at ``k / target`` (a frame shows from its time until the next frame's, the last
+    one for ``last_duration``). So a 60 fps video gives every other frame, a 15 fps one each frame
+    twice, a 25 fps one repeats every fifth, a constant-rate video at ``target`` every frame once,
+    and a variable-rate one is resampled by its frames' own times. Repeats are copies (callers may
+    draw on a frame)."""
+    k, shown, until = 0, None, 0.0
+
+    def show(end: float) -> Iterator[np.ndarray]:
+        nonlocal k
         first = True
-        while k * fps < (i + 1) * target:  # output time k / target falls before frame i + 1
-            yield frame if first else frame.copy()
+        while k / target < end - 1e-9:  # output time k / target falls before ``end``
+            yield shown if first else shown.copy()
             first, k = False, k + 1
+
+    for t, frame in timed:
+        if shown is not None:
+            yield from show(t)
+        shown, until = frame, t + last_duration
+    if shown is not None:
+        yield from show(until)
 
 
 def _limited(frames: Iterable[np.ndarray], max_frames: int, fps: float) -> Iterator[np.ndarray]:
@@ -219,7 +254,11 @@ def open_video(
             capture.release()
             capture = cv2.VideoCapture(str(path))
         info = VideoInfo(width, height, source, declared, rate)
-        yield info, _limited(resample(_decoded(capture, declared, info.read), source, rate), max_frames, rate)
+        if fps > 0 and source > 0:
+            frames = resample(_timed(capture, declared, info.read, source), rate, 1 / source)
+        else:  # every decoded frame (a damaged one: the one before it again)
+            frames = _decoded(capture, declared, info.read)
+        yield info, _limited(frames, max_frames, rate)
     finally:
         capture.release()
 

@@ -416,6 +416,45 @@ def test_videos_are_analysed_at_the_action_models_30_fps(tmp_path, fps, expected
         assert len(list(frames)) == len(got)
 
 
+class _Capture:
+    """A stand-in for ``cv2.VideoCapture`` whose frames (2x2 pictures of their index) have the given
+    timestamps (ms; None: a frame that fails to decode)."""
+
+    def __init__(self, times_ms: list):
+        self.times, self.i = times_ms, 0
+
+    def read(self):
+        self.i += 1
+        if self.i > len(self.times) or self.times[self.i - 1] is None:
+            return False, None
+        return True, np.full((2, 2, 3), self.i - 1, np.uint8)
+
+    def get(self, prop):
+        assert prop == cv2.CAP_PROP_POS_MSEC
+        return self.times[self.i - 1]
+
+
+def _resampled(times_ms: list, fps: float) -> list[int]:
+    timed = video_io._timed(_Capture(times_ms), len(times_ms), video_frames.FrameCount(), fps)
+    return [int(f[0, 0, 0]) for f in video_io.resample(timed, 30.0, 1 / fps)]
+
+
+def test_a_variable_rate_video_is_resampled_by_its_frames_times():
+    """A phone's variable-rate video: 1 s at 60 fps, then 2 s at 30 fps, which the container calls
+    40 fps. By frame number (3 frames of every 4) the first second lasted 1.5 s and the rest 1.5 s;
+    by the frames' own times each second is 30 frames."""
+    vfr = [1000 * i / 60 for i in range(60)] + [1000 + 1000 * i / 30 for i in range(60)]
+    assert _resampled(vfr, 40.0) == [*range(0, 60, 2), *range(60, 120)]
+    # a constant rate given to the millisecond (WebM, MKV): every frame once, as by frame number
+    assert _resampled([round(1000 * i / 30) for i in range(90)], 30.0) == list(range(90))
+    assert _resampled([round(1000 * i / 60) for i in range(90)], 60.0) == list(range(0, 90, 2))
+    # no usable timestamps (all 0): the container's rate; a damaged frame: the one before stays on
+    assert _resampled([0.0] * 50, 25.0) == [i * 25 // 30 for i in range(60)]
+    damaged = [1000 * i / 30 for i in range(30)]
+    damaged[10] = None
+    assert _resampled(damaged, 30.0) == [*range(10), 9, *range(11, 30)]
+
+
 def test_a_damaged_frame_does_not_end_the_video(tmp_path):
     """OpenCV fails on a frame it cannot decode as it does at the end: the frames after a damaged
     one are read (they used to be lost), a damaged frame is shown as the one before it (so time is
