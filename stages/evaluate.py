@@ -254,7 +254,9 @@ def run(
     model = build_model(ckpts, params.fusion, params.fusion_weights).to(rt.device)
     first = next(iter(ckpts.values()))
     benchmark, names = first["benchmark"], list(first["class_names"])
-    class_ids = [int(c) for c in open_store(features_dir / "features.zarr", required=()).attrs["class_ids"]]
+    store_attrs = open_store(features_dir / "features.zarr", required=()).attrs
+    class_ids = [int(c) for c in store_attrs["class_ids"]]
+    denoise = store_attrs.get("denoise")  # the parse stage's mode when not the default
 
     def loader(split: str, lp: LoaderParams):
         ds = SkeletonDataset(
@@ -327,7 +329,8 @@ def run(
     fused_top1 = metrics["centre_clip"]["fused"]["top1"]
     title = f"{benchmark} test, {'+'.join(model.names)} ({params.fusion}): top-1 {fused_top1:.3f}"
     plot_confusion(cm, names, out_dir / "confusion.png", title)
-    torch.save(fused_record(model, names, class_ids, benchmark, loader_params, metrics), out_dir / "model.pt")
+    record = fused_record(model, names, class_ids, benchmark, loader_params, metrics)
+    torch.save({**record, "denoise": denoise} if denoise else record, out_dir / "model.pt")
     write_metrics(out_dir / "metrics.json", metrics)
 
     tracker.log_params({"evaluate": dataclasses.asdict(params), "streams": list(model.names)})

@@ -504,6 +504,12 @@ def run(
     block at a time, so memory does not grow with the split."""
     _check_denoise(denoise)
     model, meta = load_fused(model_path)
+    trained = meta.get("denoise", COMPLETE)  # evaluate's model.pt says so when not the default
+    if trained != denoise:
+        raise ExportError(
+            f"{model_path}: the model learnt from .skeleton files denoised {trained!r}, but parse.denoise "
+            f"is {denoise!r}; the server would prepare uploads otherwise: rerun the pipeline with one mode"
+        )
     torch.set_num_threads(params.threads or usable_cpus())
     report: dict = {"streams": list(model.names), "fusion": meta["fusion"]}
     with atomic_directory(Path(out_dir)) as tmp:

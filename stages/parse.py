@@ -424,6 +424,9 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
                 "class_ids": list(class_ids),
                 "class_names": [names[c] for c in class_ids],
                 "max_frames": writer.frames,
+                # the denoising mode, when not the default (default stores stay as they were); the
+                # features stage copies it, evaluate's model.pt carries it and export checks it
+                **({"denoise": params.denoise} if params.denoise != COMPLETE else {}),
             }
         )
     seconds = time.perf_counter() - started

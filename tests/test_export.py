@@ -217,7 +217,8 @@ def test_the_tensorrt_branch_bundles_an_engine_only_when_it_agrees_with_onnx(
     monkeypatch.setattr(export, "TensorRTRunner", Runner)
     params = export.ExportParams(int8=False, latency_runs=1, tensorrt_batches=(1, 8))
     denoise = "reference" if engine == "agrees" else "complete"  # the stage's run, once each way
-    report = export.run(params, LoaderParams(), FeaturesParams(), model_path=tiny_bundle.model_path,
+    model_path = _model_denoised(tiny_bundle.model_path, tmp_path, denoise)
+    report = export.run(params, LoaderParams(), FeaturesParams(), model_path=model_path,
                         features_dir=tiny_bundle.features_dir, out_dir=tmp_path / "export",
                         denoise=denoise)  # fmt: skip
     assert built == [("model.onnx", (1, 8), 300)]
@@ -349,6 +350,30 @@ def test_the_cli_gives_the_stage_the_parse_stages_denoise_mode(tmp_path, monkeyp
     with pytest.raises(export.ExportError, match="denoise must be one of"):  # before any work
         run(export.ExportParams(), LoaderParams(), FeaturesParams(), model_path=tmp_path / "none.pt",
             features_dir=tmp_path, out_dir=tmp_path / "out", denoise="ctrgcn")  # fmt: skip
+
+
+def _model_denoised(model_path: Path, tmp_path: Path, denoise: str) -> Path:
+    """A copy of evaluate's ``model.pt`` saying its data was denoised ``denoise`` (evaluate writes
+    the key only for a mode other than the default)."""
+    record = torch.load(model_path, weights_only=True)
+    if denoise != "complete":
+        record["denoise"] = denoise
+    path = tmp_path / f"model-{denoise}.pt"
+    torch.save(record, path)
+    return path
+
+
+@pytest.mark.parametrize(("trained", "params"), [("complete", "reference"), ("reference", "complete")])
+def test_export_refuses_a_denoise_mode_the_model_did_not_learn_from(tiny_bundle, tmp_path, trained, params):
+    """A manual export with another params file could bundle a mode the model was not trained with:
+    the server would then prepare uploaded files differently from the training data."""
+    with pytest.raises(export.ExportError, match=f"denoised '{trained}', but parse.denoise is '{params}'"):
+        export.run(
+            export.ExportParams(), LoaderParams(), FeaturesParams(),
+            model_path=_model_denoised(tiny_bundle.model_path, tmp_path, trained),
+            features_dir=tiny_bundle.features_dir, out_dir=tmp_path / "out", denoise=params,
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()  # before any work
 
 
 def test_the_bundle_names_the_parse_stages_denoise_mode_unless_default(tmp_path):

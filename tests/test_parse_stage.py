@@ -247,8 +247,10 @@ def test_the_denoise_mode_reaches_the_store(tmp_path):
     for mode, person_2_frames in (("complete", 40), ("reference", 20)):
         out = tmp_path / mode
         parse.run(dataclasses.replace(PARAMS, denoise=mode), raw_dir=raw, out_dir=out)
-        joints = open_store(out / "skeletons.zarr", required=("joints",))["joints"][0]  # 3, T, 25, 2
+        store = open_store(out / "skeletons.zarr", required=("joints",))
+        joints = store["joints"][0]  # 3, T, 25, 2
         assert int(joints[..., 1].any(axis=(0, 2)).sum()) == person_2_frames
+        assert store.attrs.get("denoise") == (None if mode == "complete" else mode)  # default: as before
         assert int(joints[..., 0].any(axis=(0, 2)).sum()) == 40
     with pytest.raises(ParamsError, match="denoise"):  # params built in code are checked too
         parse.run(dataclasses.replace(PARAMS, denoise="ctrgcn"), raw_dir=raw, out_dir=tmp_path / "bad")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 
 from models.ctrgcn import CTRGCN, config_for
 from stages import evaluate, train_gcn, training
@@ -387,6 +388,16 @@ def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path)
     assert predicted == [t["name"] for t in tops]
     accuracy = np.mean([t["index"] == y for t, (_, y) in zip(tops, test, strict=True)])
     assert served["centre_clip"]["fused"]["top1"] == pytest.approx(accuracy, abs=1e-4)
+
+    # The parse stage's denoise mode, when not the default, reaches model.pt through the stores'
+    # attributes (export checks it against parse.denoise); the default writes no key, as before
+    assert "denoise" not in model_file
+    marked = tmp_path / "marked"
+    shutil.copytree(tiny_features, marked)
+    zarr.open_group(str(marked / "features.zarr"), mode="r+").attrs["denoise"] = "reference"
+    evaluate.run(dataclasses.replace(eparams, multi_clips=0), params, LOADER, features_dir=marked,
+                 checkpoints_dir=tmp_path / "ck", out_dir=tmp_path / "evr")  # fmt: skip
+    assert torch.load(tmp_path / "evr" / "model.pt", weights_only=True)["denoise"] == "reference"
 
     # A test split without the pair's classes: no pair accuracy (NaN is not JSON), blank per-class
     # cells; an empty test split: a message before any work, in evaluate and in train_gcn
