@@ -286,8 +286,8 @@ class VideoResponse(BaseModel):
     )
     decoded_frames: int = Field(description="the file's frames decoded (before resampling to analysed_fps)")
     unreadable_frames: int = Field(
-        description="frames that could not be decoded between good ones; each was replaced by the frame "
-        "before it, so time is kept"
+        description="frames that could not be decoded, followed by a good one; each was shown as the frame "
+        "before it (the first good frame for those at the start), so time is kept"
     )
     analysed_fps: float = Field(
         description="the rate the frames were analysed at: the action model's 30 fps (frames dropped or "

@@ -153,28 +153,32 @@ def analysis_rate(fps: float, target: float = ACTION_FPS) -> float:
 
 
 GRID_SNAP_S = 1e-3  # a timestamp within 1 ms of its place on the container's rate grid is on it
+MAX_STRETCH = 4  # a frame may last 4 mean frames (7.5 fps in a 30 fps video); longer: a bad stamp
 
 
 def _timed(
     capture: cv2.VideoCapture, declared: int, count: FrameCount, fps: float
 ) -> Iterator[tuple[float, np.ndarray]]:
-    """``(t, frame)`` of each decoded frame, ``t`` in seconds from the first one: the frame's own
-    timestamp (``CAP_PROP_POS_MSEC``; a phone's variable-rate video has frames 1/60 s apart here
-    and 1/15 s there), snapped to ``i / fps`` when within :data:`GRID_SNAP_S` of it (a constant-rate
-    container's, given to the millisecond by some); a missing or non-increasing one is taken as the
-    grid's (or one frame after the last). A damaged frame leaves a gap: the one before stays on."""
-    first, t0, last = None, 0.0, -math.inf
+    """``(t, frame)`` of each decoded frame, ``t`` in seconds from the video's start: the frame's own
+    timestamp (``CAP_PROP_POS_MSEC``; a phone's variable-rate video has frames 1/60 s apart here and
+    1/15 s there), snapped to its place ``index / fps`` on the container's rate grid when within
+    :data:`GRID_SNAP_S` of it (some containers give milliseconds). A timestamp that is missing, does
+    not increase, or jumps ahead by more than :data:`MAX_STRETCH` frames' worth is taken as the
+    grid's step after the last. Damaged frames leave a gap (the one before stays on screen), and
+    damaged frames at the start keep their time: the first good frame is shown from 0."""
+    start, last, last_index = None, -math.inf, -1
     for index, frame in read_frames(capture, declared, 1, count):
         ms = capture.get(cv2.CAP_PROP_POS_MSEC)
-        if first is None:
-            first, t0 = index, (ms / 1000 if math.isfinite(ms) else 0.0)
-        grid = (index - first) / fps
-        t = ms / 1000 - t0 if math.isfinite(ms) else grid
+        stamp = ms / 1000 if math.isfinite(ms) else math.nan
+        if start is None:  # the video's start: before any damaged leading frames
+            start = (stamp if math.isfinite(stamp) else 0.0) - index / fps
+        grid, step = index / fps, (index - last_index) / fps
+        t = stamp - start
         if abs(t - grid) < GRID_SNAP_S:
             t = grid
-        if not t > last:
-            t = grid if grid > last else last + 1 / fps
-        last = t
+        if not last < t <= last + MAX_STRETCH * step:  # NaN included
+            t = last + step if last > -math.inf else grid
+        last, last_index = t, index
         yield t, frame
 
 

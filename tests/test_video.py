@@ -453,6 +453,13 @@ def test_a_variable_rate_video_is_resampled_by_its_frames_times():
     damaged = [1000 * i / 30 for i in range(30)]
     damaged[10] = None
     assert _resampled(damaged, 30.0) == [*range(10), 9, *range(11, 30)]
+    # damaged frames at the start keep their time: the first good frame stands in from 0
+    damaged[:3] = [None] * 3
+    assert _resampled(damaged, 30.0) == [3, 3, 3, *range(3, 10), 9, *range(11, 30)]
+    # one frame stamped an hour ahead is a bad stamp, not an hour of that picture (nor of the next)
+    jump = [1000 * i / 30 for i in range(90)]
+    jump[10] = 3.6e6
+    assert _resampled(jump, 30.0) == list(range(90))
 
 
 def test_a_damaged_frame_does_not_end_the_video(tmp_path):
@@ -478,6 +485,14 @@ def test_a_damaged_frame_does_not_end_the_video(tmp_path):
     capture = cv2.VideoCapture(str(path))
     assert len(list(video_frames.read_frames(capture, 0))) == 56
     capture.release()
+    # a known length: a damaged stretch longer than that is read through (40 frames here)
+    path.write_bytes(damage_frames(write_video(tmp_path / "long.avi", _numbered_frames(100)).read_bytes(),
+                                   list(range(30, 70))))  # fmt: skip
+    with video_io.open_video(path, fps=0) as (info, frames):
+        assert _frame_numbers(list(frames)) == [*range(30), *[29] * 40, *range(70, 100)]
+    assert (info.read.decoded, info.read.unreadable) == (60, 40)
+    with video_io.open_video(path) as (info, frames):  # by time at 30 fps: the same frames
+        assert _frame_numbers(list(frames)) == [*range(30), *[29] * 40, *range(70, 100)]
 
 
 def test_a_frame_count_that_lies_is_checked_before_a_video_is_refused(tmp_path):
