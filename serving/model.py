@@ -23,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from models.skeleton import MAX_PERSONS, NUM_JOINTS
 from stages import bundle, export
 from stages.dataset import LoaderParams
 from stages.denoise import COMPLETE, DENOISE_MODES
@@ -115,23 +117,71 @@ def ort_providers() -> list[str]:
     return [p for p in PROVIDERS if p in available]
 
 
-def _onnx(bundle_dir: Path, meta: dict, kind: str, threads: int, solo: bool = True) -> tuple[Callable, dict]:
+TENSORRT_EP = "TensorrtExecutionProvider"
+GPU_BATCH = 64  # clips per call on a GPU provider (on a CPU: export.CPU_BATCH)
+
+
+def tensorrt_ep_options(meta: dict, persons: int, cache_dir: Path) -> dict[str, str]:
+    """ONNX Runtime's TensorRT provider options for a bundle graph taking ``persons`` persons: engine
+    and timing caches in ``cache_dir`` (else every start builds the engines again, for minutes) and
+    one optimisation profile for the clips the service sends, batch 1 to :data:`GPU_BATCH` of the
+    bundle's window (else each new batch size builds another engine)."""
+    shape = f"3x{meta['input']['window']}x{NUM_JOINTS}x{persons}"
+    name = meta["input"].get("name", export.INPUT)
+    cache = str(cache_dir)
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": cache,
+        "trt_profile_min_shapes": f"{name}:1x{shape}",
+        "trt_profile_opt_shapes": f"{name}:1x{shape}",
+        "trt_profile_max_shapes": f"{name}:{GPU_BATCH}x{shape}",
+    }
+
+
+def onnx_session(
+    path: Path, threads: int, meta: dict, persons: int, cache_dir: Path
+) -> tuple[Any, str | None]:
+    """An ONNX Runtime session on the best available providers, and why the TensorRT provider was
+    left out (None when it was not there, or works): with it, its options (:func:`tensorrt_ep_options`);
+    a session it fails to create is made again without it, on CUDA or the CPU."""
+    providers: list = ort_providers()
+    if TENSORRT_EP not in providers:
+        return export.ort_session(path, threads, providers), None
+    cache_dir = cache_dir.expanduser() / meta.get("version", "bundle")
+    with_options = [
+        (p, tensorrt_ep_options(meta, persons, cache_dir)) if p == TENSORRT_EP else p for p in providers
+    ]
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return export.ort_session(path, threads, with_options), None
+    except Exception as exc:  # TensorRT missing, the cache unwritable, a graph it cannot take
+        rest = [p for p in providers if p != TENSORRT_EP]
+        return export.ort_session(path, threads, rest), f"{type(exc).__name__}: {exc}"
+
+
+def _onnx(
+    bundle_dir: Path, meta: dict, kind: str, threads: int, solo: bool = True, cache_dir: Path | None = None
+) -> tuple[Callable, dict]:
     name = meta["files"].get(kind)
     if not name:
         raise ModelError(f"{bundle_dir}: the bundle has no {kind} model (files: {meta['files']})")
-    session = export.ort_session(bundle_dir / name, threads, ort_providers())
+    cache_dir = Path(cache_dir or Settings.model_fields["tensorrt_cache_dir"].default)
+    session, skipped = onnx_session(bundle_dir / name, threads, meta, MAX_PERSONS, cache_dir)
     info = {
         "kind": kind,
         "file": name,
         "provider": session.get_providers()[0],
         "providers": session.get_providers(),
+        **({"tensorrt_provider_skipped": skipped} if skipped else {}),
     }
     # a large request in calls of CPU_BATCH clips on a CPU: faster there, and the arena stays small
-    batch = export.CPU_BATCH if info["provider"] == "CPUExecutionProvider" else 64
+    batch = export.CPU_BATCH if info["provider"] == "CPUExecutionProvider" else GPU_BATCH
     run = partial(export.ort_scores, session, batch=batch)
     solo_name = meta["files"].get("solo") if kind == "fp32" and solo else None
     if solo_name:  # bundles before the one-person graph have none
-        solo_session = export.ort_session(bundle_dir / solo_name, threads, ort_providers())
+        solo_session, _ = onnx_session(bundle_dir / solo_name, threads, meta, 1, cache_dir)
         solo_run = partial(export.ort_scores, solo_session, batch=batch)
         run = partial(route_solo, run, solo_run, meta["input"]["window"])
         info["solo"] = solo_name
@@ -167,21 +217,22 @@ def _tensorrt(bundle_dir: Path, meta: dict) -> tuple[Callable, dict]:
 
 
 def open_runtime(
-    bundle_dir: Path, meta: dict, runtime: str, threads: int, solo: bool = True
+    bundle_dir: Path, meta: dict, runtime: str, threads: int, solo: bool = True, cache_dir: Path | None = None
 ) -> tuple[Callable, dict]:
     """The ``run(clips) -> scores`` function for ``runtime`` and a description of what it uses
-    (``solo``: one-person clips through the bundle's one-person graph, with the fp32 model)."""
+    (``solo``: one-person clips through the bundle's one-person graph, with the fp32 model;
+    ``cache_dir``: ONNX Runtime's TensorRT provider's caches)."""
     if runtime in ("fp32", "int8"):
-        return _onnx(bundle_dir, meta, runtime, threads, solo)
+        return _onnx(bundle_dir, meta, runtime, threads, solo, cache_dir)
     if runtime == "tensorrt":
         return _tensorrt(bundle_dir, meta)
     if meta["files"].get("tensorrt") and export.tensorrt_available() is None:
         try:
             return _tensorrt(bundle_dir, meta)
         except Exception as exc:  # an engine built for another GPU or TensorRT version: fall back
-            run, info = _onnx(bundle_dir, meta, "fp32", threads, solo)
+            run, info = _onnx(bundle_dir, meta, "fp32", threads, solo, cache_dir)
             return run, {**info, "tensorrt_skipped": str(exc)}
-    return _onnx(bundle_dir, meta, "fp32", threads, solo)
+    return _onnx(bundle_dir, meta, "fp32", threads, solo, cache_dir)
 
 
 def self_test(run: Callable[[np.ndarray], np.ndarray], window: int, classes: int, where: Path) -> None:
@@ -231,7 +282,9 @@ def load(settings: Settings) -> LoadedModel:
         cores = usable_cpus()
         workers = settings.workers or (cores if ort_providers()[0] == "CPUExecutionProvider" else 1)
         threads = settings.threads or max(1, cores // workers)
-        run, info = open_runtime(bundle_dir, meta, settings.runtime, threads, settings.solo)
+        run, info = open_runtime(
+            bundle_dir, meta, settings.runtime, threads, settings.solo, Path(settings.tensorrt_cache_dir)
+        )
         self_test(run, loader.window, len(meta["labels"]), bundle_dir)
     except BaseException:
         cleanup.close()

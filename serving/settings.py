@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         description="run clips whose second person is absent through the bundle's one-person graph "
         "(model.solo.onnx: the same scores from half the work; fp32 runtime only)",
     )
+    tensorrt_cache_dir: str = Field(
+        "~/.cache/ntu-serve/tensorrt",
+        description="where ONNX Runtime's TensorRT provider keeps the engines and timing caches it builds "
+        "(a restart reuses them instead of building for minutes); used only when that provider is there",
+    )
 
     # -- security --
     api_key: SecretStr | None = Field(

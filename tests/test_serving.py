@@ -25,7 +25,7 @@ from serving.app import create_app
 from serving.batching import MicroBatcher, Predictor
 from serving.schemas import _NPY_HEADERS, PredictRequest, PredictResponse, npy_clip, npy_header, plain_clip
 from serving.settings import Settings
-from stages import bundle, preprocess
+from stages import bundle, export, preprocess
 from stages.dataset import LoaderParams, SkeletonDataset
 from tests.factory import second_person_id_switch
 from tests.serving_helpers import (
@@ -1221,6 +1221,48 @@ def test_runtimes(tiny_bundle, files):
     real = [preprocess.prepare(files[a][1], int8.loader, int8.view_align) for a in (ONE, TWO)]
     diff = np.abs(int8.run(np.concatenate(real)) - auto.run(np.concatenate(real)))
     assert diff.max() < 0.05, diff
+
+
+@pytest.mark.parametrize("tensorrt_works", [True, False])
+def test_onnx_runtimes_tensorrt_provider_gets_caches_and_a_profile(
+    tiny_bundle, tmp_path, monkeypatch, tensorrt_works
+):
+    """Where ONNX Runtime has its TensorRT provider (onnxruntime-gpu), each graph's session gets an
+    engine and timing cache (a restart reuses them instead of building for minutes) and one profile
+    for the clips the service sends (batch 1-64 of the window); a session the provider cannot make is
+    made again without it, and /v1/model says why. CPU sessions stand in for the GPU ones here."""
+    sessions = []
+    real = export.ort_session
+
+    def session(path, threads, providers):
+        sessions.append((Path(path).name, providers))
+        if not tensorrt_works and isinstance(providers[0], tuple):
+            raise RuntimeError("libnvinfer.so.10: cannot open shared object file")
+        return real(path, threads, ["CPUExecutionProvider"])
+
+    monkeypatch.setattr(
+        model_loader, "ort_providers", lambda: [model_loader.TENSORRT_EP, "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(export, "ort_session", session)
+    loaded = model_loader.load(
+        settings_for(tiny_bundle.bundle_dir, runtime="fp32", tensorrt_cache_dir=str(tmp_path))
+    )
+    cache = tmp_path / loaded.meta["version"]
+    first = next(p for name, p in sessions if name == "model.onnx")
+    solo = next(p for name, p in sessions if name == "model.solo.onnx")
+    assert first[0] == (model_loader.TENSORRT_EP, {
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache),
+        "trt_profile_min_shapes": "joints:1x3x64x25x2", "trt_profile_opt_shapes": "joints:1x3x64x25x2",
+        "trt_profile_max_shapes": "joints:64x3x64x25x2",
+    }) and first[1] == "CPUExecutionProvider"  # fmt: skip
+    assert solo[0][1]["trt_profile_max_shapes"] == "joints:64x3x64x25x1" and cache.is_dir()
+    if tensorrt_works:
+        assert "tensorrt_provider_skipped" not in loaded.runtime
+    else:  # both graphs made again without it
+        assert [p for _, p in sessions if p == ["CPUExecutionProvider"]] == [["CPUExecutionProvider"]] * 2
+        assert "libnvinfer" in loaded.runtime["tensorrt_provider_skipped"]
+    assert loaded.run(np.zeros((2, 3, 64, 25, 2), np.float32)).shape == (2, 3)
 
 
 def test_model_from_an_mlflow_registry_alias(tiny_bundle, tmp_path, monkeypatch, clip):
