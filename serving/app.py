@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_body_bytes=settings.max_body_bytes,
                 max_upload_bytes=settings.max_upload_bytes,
                 max_video_bytes=settings.max_video_bytes,
+                body_timeout_s=settings.body_timeout_s,
             ),
         ],
     )

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         "endpoint answers 503)",
     )
     max_video_bytes: int = Field(50 * MiB, ge=1024, description="largest /v1/predict/video upload")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request whose body stops arriving for this long (before its first part or between "
+        "two) is answered 408 (uvicorn itself would wait for ever)",
+    )
     video_max_frames: int = Field(900, ge=1, description="longest video analysed, in frames")
     video_min_frames: int = Field(16, ge=1, description="shortest video analysed, in frames")
     video_fps: float = Field(

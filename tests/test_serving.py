@@ -1129,6 +1129,36 @@ _FORM_FILE = (
 )
 
 
+def _http_scope(path: str, content_type: bytes, length: int) -> dict:
+    headers = [(b"content-type", content_type), (b"content-length", str(length).encode())]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+
+
+async def _asgi_call(app, scope: dict, receive) -> tuple[int, dict]:
+    """``app`` on one request at the ASGI level: (status, JSON body)."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
 @pytest.mark.parametrize(
     ("path", "content_type", "body"),
     [
@@ -1142,34 +1172,10 @@ def test_a_client_that_hangs_up_mid_body_is_no_server_error(tiny_bundle, path, c
     app = create_app(settings_for(tiny_bundle.bundle_dir))
 
     async def call(messages: list[dict]) -> tuple[int, dict]:
-        sent = []
-
         async def receive():
             return messages.pop(0)
 
-        async def send(message):
-            sent.append(message)
-
-        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("testserver", 80),
-        }
-        await app(scope, receive, send)
-        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-        return status, json.loads(
-            b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-        )
+        return await _asgi_call(app, _http_scope(path, content_type, len(body)), receive)
 
     async def scenario():
         async with app.router.lifespan_context(app):
@@ -1186,6 +1192,66 @@ def test_a_client_that_hangs_up_mid_body_is_no_server_error(tiny_bundle, path, c
     with TestClient(app) as c:
         text = c.get("/metrics").text
     assert metric_value(text, "ntu_serve_requests_total", route=path, method="POST", status="500") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        ("/v1/predict", b"application/json", _JSON_CLIP),
+        ("/v1/predict/file", b"multipart/form-data; boundary=b0", _FORM_FILE),
+    ],
+)
+def test_a_body_that_stops_arriving_is_answered_408(tiny_bundle, path, content_type, body):
+    """uvicorn waits for a body for ever: a client that sends half its body and then nothing held its
+    request (and an upload's temporary file) open. body_timeout_s answers it; a slow body that keeps
+    coming within the limit is read whole."""
+    app = create_app(settings_for(tiny_bundle.bundle_dir, body_timeout_s=0.2))
+    half = len(body) // 2
+
+    def receiving(pause_s: float):
+        parts = [
+            {"type": "http.request", "body": body[:half], "more_body": True},
+            {"type": "http.request", "body": body[half:], "more_body": False},
+        ]
+
+        async def receive():
+            if len(parts) == 1:
+                await asyncio.sleep(pause_s)  # the client goes quiet mid-body
+            return parts.pop(0)
+
+        return receive
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            scope = _http_scope(path, content_type, len(body))
+            return await _asgi_call(app, scope, receiving(5.0)), await _asgi_call(app, scope, receiving(0.05))
+
+    (stalled, answer), (slow, _) = asyncio.run(scenario())
+    assert (stalled, answer["code"]) == (408, "body_timeout") and "nothing for 0.2 s" in answer["detail"]
+    assert slow in (200, 422)  # a body with a short pause is answered (the /file body is a bad file)
+
+
+def test_once_the_body_is_in_waiting_for_the_client_has_no_limit():
+    """After the body, an app may wait on receive() for the client to go away (a long analysis):
+    that wait is not the body's and is not cut short."""
+    from serving.limits import BodyLimitMiddleware
+
+    got = []
+
+    async def inner(scope, receive, send):
+        got.append(await receive())
+        got.append(await receive())  # waits 0.3 s for the disconnect, past the 0.1 s body limit
+
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive():
+        if len(messages) == 1:
+            await asyncio.sleep(0.3)
+        return messages.pop(0)
+
+    app = BodyLimitMiddleware(inner, 1024, 1024, body_timeout_s=0.1)
+    asyncio.run(app(_http_scope("/v1/predict", b"application/json", 2), receive, None))
+    assert [m["type"] for m in got] == ["http.request", "http.disconnect"]
 
 
 def test_one_person_clips_take_the_one_person_graph_with_the_same_scores(tiny_bundle):
