@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import array as arraylib
 import collections
+import contextlib
 import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -46,7 +48,9 @@ class ParseParams:
     """The ``parse`` section of params.yaml."""
 
     dataset: Literal["synthetic", "ntu60", "ntu120"] = "synthetic"
-    classes: Literal["all"] | tuple[int, ...] = "all"
+    # "present": the actions the directory's file names hold (the synthetic corpus's own classes,
+    # whatever `-S synthesize.classes=...` made); "all": 1-120 (1-60 for ntu60); or a list of ids
+    classes: Literal["all", "present"] | tuple[int, ...] = "all"
     workers: int = 0  # 0: one per core but one, which the writer needs (so inline on 2 cores)
     # Store order: "shuffled" (seeded) mixes setups, cameras and performers within every shard, so
     # the loader's shard-grouped shuffling still gives diverse batches; "name" keeps file-name order.
@@ -64,7 +68,7 @@ class ParseParams:
     def validate(self) -> None:
         if self.denoise not in DENOISE_MODES:
             raise ParamsError(f"params.yaml [parse] denoise: one of {DENOISE_MODES}, got {self.denoise!r}")
-        if self.classes != "all":
+        if self.classes not in ("all", "present"):
             bad = [c for c in self.classes if not 1 <= c <= ntu_files.NTU120_MAX_ACTION]
             if bad or len(set(self.classes)) != len(self.classes) or not self.classes:
                 raise ParamsError(f"params.yaml [parse] classes: ids must be distinct, in 1-120; got {bad}")
@@ -74,11 +78,14 @@ class ParseParams:
                 "chunk_samples are required"
             )
 
-    def class_ids(self) -> tuple[int, ...]:
-        """The selected NTU action ids (1-based); label = position in this tuple."""
+    def class_ids(self, present: Iterable[int] = ()) -> tuple[int, ...]:
+        """The selected NTU action ids (1-based); label = position in this tuple. ``present``: the
+        action ids of the files found, for ``classes: present``."""
+        top = ntu_files.NTU60_MAX_ACTION if self.dataset == "ntu60" else ntu_files.NTU120_MAX_ACTION
+        if self.classes == "present":
+            return tuple(sorted({a for a in present if 1 <= a <= top}))
         if self.classes != "all":
             return tuple(sorted(self.classes))
-        top = ntu_files.NTU60_MAX_ACTION if self.dataset == "ntu60" else ntu_files.NTU120_MAX_ACTION
         return tuple(range(1, top + 1))
 
 
@@ -312,6 +319,19 @@ def denoise_mode(params_path: str | Path) -> str:
     return load_section(params_path, "parse", ParseParams, missing_ok=True).denoise
 
 
+def _actions(paths: list[str], dataset: str) -> set[int]:
+    """The action ids in the names of ``paths`` (a file with another name is rejected later, and one
+    on the dataset's official missing list is excluded, so neither makes a class)."""
+    missing = ntu_files.missing_samples(dataset) if dataset != "synthetic" else frozenset()
+    found = set()
+    for path in paths:
+        stem = Path(path).name[: -len(".skeleton")]
+        with contextlib.suppress(ValueError):
+            if stem not in missing:
+                found.add(ntu_files.parse_name(stem).action)
+    return found
+
+
 def discover(raw_dir: Path) -> list[str]:
     """All ``*.skeleton`` files under ``raw_dir`` (recursively; the extension in any case, as a copy
     from a case-insensitive file system may spell it), sorted by file name then path.
@@ -395,7 +415,11 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
         raise FileNotFoundError(f"no .skeleton files under {raw_dir}")
     if params.order == "shuffled":
         paths = [paths[i] for i in np.random.default_rng(params.seed).permutation(len(paths))]
-    class_ids = params.class_ids()
+    class_ids = params.class_ids(_actions(paths, params.dataset) if params.classes == "present" else ())
+    if not class_ids:
+        raise ParamsError(
+            f"params.yaml [parse] classes: present, but no file under {raw_dir} has an NTU name"
+        )
     settings = _Settings(
         dataset=params.dataset,
         labels={action: label for label, action in enumerate(class_ids)},

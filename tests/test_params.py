@@ -47,6 +47,8 @@ def test_missing_file_and_section(tmp_path):
 def test_classes_resolve_to_labels():
     assert ParseParams(dataset="ntu60").class_ids() == tuple(range(1, 61))
     assert from_mapping("parse", ParseParams, {"classes": [9, 8]}).class_ids() == (8, 9)
+    present = from_mapping("parse", ParseParams, {"classes": "present", "dataset": "ntu60"})
+    assert present.class_ids({59, 9, 61, 8}) == (8, 9, 59)  # NTU-60 has actions 1-60 only
 
 
 def test_usable_cpus_is_capped_by_affinity_and_cgroup_quota(monkeypatch, tmp_path):

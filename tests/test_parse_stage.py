@@ -256,6 +256,29 @@ def test_the_denoise_mode_reaches_the_store(tmp_path):
         parse.run(dataclasses.replace(PARAMS, denoise="ctrgcn"), raw_dir=raw, out_dir=tmp_path / "bad")
 
 
+def test_present_classes_are_those_the_file_names_hold(raw_dir, tmp_path):
+    """``classes: present`` (the default for the synthetic corpus): the labels follow the actions in
+    the directory, so `-S synthesize.classes=...` reaches parse (a YAML alias to synthesize.classes
+    did not: DVC rewrote only the aliased node). A bad name or a missing-list file makes no class."""
+    out = tmp_path / "out"
+    parse.run(dataclasses.replace(PARAMS, classes="present"), raw_dir=raw_dir, out_dir=out)
+    store = open_store(out / "skeletons.zarr", required=())
+    assert store.attrs["class_ids"] == [
+        8,
+        9,
+        10,
+        50,
+    ]  # A010 is in the directory; 'not_an_ntu_name' is not a class
+    rows = {r["name"]: r for r in pq.read_table(out / "samples.parquet").to_pylist()}
+    assert rows["S001C001P001R001A010"]["status"] == "accepted" and rows["S001C001P001R001A010"]["label"] == 2
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "clip.skeleton").write_bytes(GOOD["S001C001P001R001A008"])
+    with pytest.raises(ParamsError, match=r"no file under .* has an NTU name"):
+        parse.run(
+            dataclasses.replace(PARAMS, classes="present"), raw_dir=tmp_path / "odd", out_dir=tmp_path / "o2"
+        )
+
+
 def test_the_extension_is_found_in_any_case(tmp_path):
     """A copy from a case-insensitive file system may spell it .SKELETON: its data is not skipped."""
     (tmp_path / "S001C001P001R001A008.SKELETON").write_bytes(GOOD["S001C001P001R001A008"])
