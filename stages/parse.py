@@ -319,10 +319,9 @@ def denoise_mode(params_path: str | Path) -> str:
     return load_section(params_path, "parse", ParseParams, missing_ok=True).denoise
 
 
-def _actions(paths: list[str], dataset: str) -> set[int]:
+def _actions(paths: list[str], missing: frozenset[str]) -> set[int]:
     """The action ids in the names of ``paths`` (a file with another name is rejected later, and one
-    on the dataset's official missing list is excluded, so neither makes a class)."""
-    missing = ntu_files.missing_samples(dataset) if dataset != "synthetic" else frozenset()
+    on the dataset's official ``missing`` list is excluded, so neither makes a class)."""
     found = set()
     for path in paths:
         stem = Path(path).name[: -len(".skeleton")]
@@ -415,7 +414,8 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
         raise FileNotFoundError(f"no .skeleton files under {raw_dir}")
     if params.order == "shuffled":
         paths = [paths[i] for i in np.random.default_rng(params.seed).permutation(len(paths))]
-    class_ids = params.class_ids(_actions(paths, params.dataset) if params.classes == "present" else ())
+    missing = ntu_files.missing_samples(params.dataset) if params.dataset != "synthetic" else frozenset()
+    class_ids = params.class_ids(_actions(paths, missing) if params.classes == "present" else ())
     if not class_ids:
         raise ParamsError(
             f"params.yaml [parse] classes: present, but no file under {raw_dir} has an NTU name"
@@ -423,7 +423,7 @@ def run(params: ParseParams, *, raw_dir: Path, out_dir: Path, summary_path: Path
     settings = _Settings(
         dataset=params.dataset,
         labels={action: label for label, action in enumerate(class_ids)},
-        missing=ntu_files.missing_samples(params.dataset) if params.dataset != "synthetic" else frozenset(),
+        missing=missing,
         raw_dir=str(raw_dir),
         denoise=params.denoise,
     )
