@@ -196,7 +196,9 @@ class Service:
         """A raw ``.skeleton`` file -> (model clips, frames), parsed, denoised and checked as a clip."""
         m = self.require()
         joints = preprocess.joints_from_skeleton_file(data, m.denoise)  # (3, T, 25, 2), as parse does
-        joints = preprocess.joints_from_clip(joints.transpose(3, 1, 2, 0), self.limits)  # the same limits
+        joints = preprocess.joints_from_clip(  # the same limits; every frame kept, as parse keeps it
+            joints.transpose(3, 1, 2, 0), self.limits, drop_empty_frames=False
+        )
         return self.prepare_joints(joints), joints.shape[1]
 
     async def predict(self, prepared: list[np.ndarray], frames: list[int]) -> list[Prediction]:

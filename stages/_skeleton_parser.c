@@ -14,6 +14,10 @@
  * exact fast path, strtod otherwise), then to float32, the same double rounding as
  * np.array(tokens, dtype=np.float32) in the reference readers. The GIL is released while parsing.
  * stages/skeleton_text.py holds a pure-Python twin with the same results and messages.
+ *
+ * A line ends at "\r\n", "\n" or a lone "\r" (old Mac files), as in Python's universal newlines.
+ * After the last byte of the file's content, the trailing run of blanks, line ends, NUL bytes and
+ * DOS end-of-file marks (0x1a) is padding: its NUL and 0x1a bytes read as blanks, not binary data.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,6 +38,7 @@ typedef struct {
     const unsigned char *buf;
     Py_ssize_t len;
     Py_ssize_t pos;
+    Py_ssize_t pad;      /* start of the trailing padding (see the top comment) */
     long line;           /* 1-based number of the line last returned */
     const unsigned char *ts[MAXTOK];
     const unsigned char *te[MAXTOK];
@@ -54,13 +59,26 @@ static int set_error(Error *err, const char *code, const char *fmt, ...) {
     return -1;
 }
 
-/* Character classes: 0 token byte, 1 blank, 2 newline, 3 binary (control or non-ASCII). */
+/* Character classes: 0 token byte, 1 blank, 2 line end ('\n' or '\r'), 3 binary (control or non-ASCII). */
 static unsigned char CLASS[256];
 
 static void init_classes(void) {
     for (int c = 0; c < 256; c++) CLASS[c] = (c < 0x20 || c >= 0x7f) ? 3 : 0;
-    CLASS[' '] = CLASS['\t'] = CLASS['\r'] = CLASS['\f'] = CLASS['\v'] = 1;
-    CLASS['\n'] = 2;
+    CLASS[' '] = CLASS['\t'] = CLASS['\f'] = CLASS['\v'] = 1;
+    CLASS['\n'] = CLASS['\r'] = 2;
+}
+
+/* Where the trailing padding of buf[0, len) starts: blanks, line ends, NUL and 0x1a. */
+static Py_ssize_t padding_start(const unsigned char *buf, Py_ssize_t len) {
+    while (len > 0 && (CLASS[buf[len - 1]] == 1 || CLASS[buf[len - 1]] == 2 || buf[len - 1] == 0 ||
+                       buf[len - 1] == 0x1a))
+        len--;
+    return len;
+}
+
+/* Past the line end at buf[pos] ("\r\n" is one line end, not two). */
+static Py_ssize_t past_line_end(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t len) {
+    return pos + (buf[pos] == '\r' && pos + 1 < len && buf[pos + 1] == '\n' ? 2 : 1);
 }
 
 /* Next non-blank line. Returns 1 with tokens filled, 0 at end of input, -1 on binary data. */
@@ -72,17 +90,18 @@ static int next_line(Scanner *s, Error *err) {
         int ntok = 0;
         while (pos < len) {
             unsigned char k = CLASS[buf[pos]];
+            if (k == 3 && pos >= s->pad) k = 1; /* NUL or 0x1a in the trailing padding */
             if (k == 1) {
                 pos++;
                 continue;
             }
             if (k == 2) {
-                pos++;
+                pos = past_line_end(buf, pos, len);
                 break;
             }
             Py_ssize_t start = pos;
             while (pos < len && (k = CLASS[buf[pos]]) == 0) pos++;
-            if (pos < len && k == 3) {
+            if (pos < len && k == 3 && pos < s->pad) {
                 s->pos = pos;
                 return set_error(err, "binary",
                                  "binary data (byte 0x%02x at offset %zd, line %ld): not a text .skeleton file",
@@ -224,8 +243,7 @@ static int fast_joint_line(Scanner *s, float *dst, uint8_t *trk) {
     }
     while (p < end && CLASS[*p] == 1) p++;
     if (p < end && CLASS[*p] != 2) return 0; /* more fields, or binary: let the general path say so */
-    if (p < end) p++;
-    s->pos = p - s->buf;
+    s->pos = p < end ? past_line_end(s->buf, p - s->buf, s->len) : s->len;
     s->line++;
     return 1;
 }
@@ -320,6 +338,7 @@ bad:
 static int parse_all(Scanner *s, Out *o, long *frames_out, Error *err) {
     long frames, bodies, joints;
     double v;
+    s->pad = padding_start(s->buf, s->len);
     int r = next_line(s, err);
     if (r < 0) return -1;
     if (r == 0) return set_error(err, "empty_file", "file is empty");
@@ -390,9 +409,13 @@ static int parse_all(Scanner *s, Out *o, long *frames_out, Error *err) {
     }
     r = next_line(s, err);
     if (r < 0) return -1;
-    if (r > 0)
-        return set_error(err, "trailing_data", "declared %ld frames but the data goes on at line %ld", frames,
-                         s->line);
+    if (r > 0) {
+        char tok[40];
+        token_repr(s->ts[0], s->te[0], tok, sizeof tok);
+        return set_error(err, "trailing_data",
+                         "declared %ld frames but the data goes on at line %ld with %d field%s: '%s%s'", frames,
+                         s->line, s->ntok, s->ntok == 1 ? "" : "s", tok, s->ntok == 1 ? "" : " ...");
+    }
     return 0;
 }
 

@@ -142,14 +142,29 @@ def _reject(row: dict, status: str, code: str, reason: str) -> tuple[dict, None,
     return row, None, None
 
 
+def _printable(name: str) -> str:
+    """``name`` as the table can hold it: a file system name that is not valid UTF-8 (Python keeps its
+    bytes as surrogates, which Parquet cannot store) with those bytes as ``\\xNN`` escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def process_file(path: str, settings: _Settings) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
     """Parse and denoise one file. Returns its table row and, if accepted, float32 joints
-    ``(3, T, 25, 2)`` and colour pixels ``(2, T, 25, 2)``. Never raises for bad input."""
+    ``(3, T, 25, 2)`` and colour pixels ``(2, T, 25, 2)``. Never raises for bad input.
+
+    The row's ``name`` and ``file`` are :func:`_printable`; a file whose own name is not valid UTF-8
+    is rejected (``bad_name``), one in a directory whose name is not is read as any other."""
     file = Path(path)
     stem = file.name[: -len(".skeleton")]
-    row: dict = {"name": stem, "file": os.path.relpath(file, settings.raw_dir), "index": -1}
+    row: dict = {
+        "name": _printable(stem),
+        "file": _printable(os.path.relpath(file, settings.raw_dir)),
+        "index": -1,
+    }
     try:
         row["file_bytes"] = file.stat().st_size
+        if row["name"] != stem:
+            raise ValueError(f"file name '{row['name']}' is not valid UTF-8 (its bytes shown as \\xNN)")
         sample = ntu_files.parse_name(stem)
     except (ValueError, OSError) as exc:
         return _reject(row, "rejected", "bad_name" if isinstance(exc, ValueError) else "unreadable", str(exc))
@@ -375,6 +390,19 @@ class _Tally:
     bytes: int = 0
 
 
+# What parsing and denoising put in a row: a duplicate's row keeps none of it (the file is not used).
+_PROCESSED = (
+    "label", "raw_frames", "body_frames", "kept_frames", "bodies_seen", "actors_kept",
+    "dropped_by_length", "dropped_by_spread", "dropped_by_overlap",
+)  # fmt: skip
+
+
+def _duplicate(row: dict) -> tuple[dict, None, None]:
+    for column in _PROCESSED:
+        row.pop(column, None)
+    return _reject(row, "rejected", "duplicate", "another file has this name")
+
+
 def _collect(results, writer: _ShardWriter, table_path: Path, total: int) -> _Tally:
     """Write each result: tensors to the shard writer, rows to Parquet (one row group per 1024)."""
     tally = _Tally(collections.Counter(), collections.Counter())
@@ -385,7 +413,7 @@ def _collect(results, writer: _ShardWriter, table_path: Path, total: int) -> _Ta
             tally.bytes += row.get("file_bytes") or 0
             if row["status"] != "rejected":  # a rejected copy (truncated, say) leaves the name to a good one
                 if row["name"] in seen:
-                    row, joints, colors = _reject(row, "rejected", "duplicate", "another file has this name")
+                    row, joints, colors = _duplicate(row)
                 seen.add(row["name"])
             if joints is not None:
                 row["index"] = writer.add(row["label"], joints, colors)

@@ -42,13 +42,20 @@ class ClipLimits:
     max_abs: float = MAX_COORDINATE_M
 
 
-def joints_from_clip(clip, limits: ClipLimits = ClipLimits()) -> np.ndarray:
+def joints_from_clip(
+    clip, limits: ClipLimits = ClipLimits(), *, drop_empty_frames: bool = True
+) -> np.ndarray:
     """Validate a client clip ``(T, 25, 3)`` or ``(M, T, 25, 3)`` and return float32 ``(3, T', 25, 2)``.
 
     Missing persons are zero (the pipeline's convention for an absent actor). As the parse stage
     prepares a file: frames in which nobody is present (all zero: the padding of a fixed-length
     array, say) are dropped, so ``T' <= T``, and a body sent in the second slot with the first
     empty is actor 1 (the clip is centred on actor 1).
+
+    ``drop_empty_frames=False`` is for actors the parse stage has already selected
+    (:func:`joints_from_skeleton_file`, transposed to ``(M, T, 25, 3)``): they are only validated,
+    every frame and slot kept as they are, so ``T' = T`` as in the store (parse keeps the all-zero
+    frames of a file with a single body).
     """
     try:
         x = np.asarray(clip, dtype=np.float64)
@@ -89,10 +96,10 @@ def joints_from_clip(clip, limits: ClipLimits = ClipLimits()) -> np.ndarray:
     if not x.any():
         raise ClipError("empty", "every joint of every frame is zero: no body in the clip")
     present = x.any(axis=(2, 3))  # M, T
-    if not present[0].any():  # only the second slot holds a body: it is actor 1
+    if drop_empty_frames and not present[0].any():  # only the second slot holds a body: it is actor 1
         x, present = x[::-1], present[::-1]
     someone = present.any(axis=0)  # T
-    if not someone.all():
+    if drop_empty_frames and not someone.all():
         x = x[:, someone]
         frames = x.shape[1]
         if frames < limits.min_frames:
@@ -107,7 +114,9 @@ def joints_from_clip(clip, limits: ClipLimits = ClipLimits()) -> np.ndarray:
 def joints_from_skeleton_file(data: bytes, denoise: str = COMPLETE) -> np.ndarray:
     """A raw NTU ``.skeleton`` file's selected actors, float32 ``(3, T, 25, 2)``, as the parse stage
     selects them (``denoise``: its ``parse.denoise`` mode). Raises
-    :class:`~stages.errors.RejectedInput` (the parser's or denoiser's reason)."""
+    :class:`~stages.errors.RejectedInput` (the parser's or denoiser's reason). To check them against
+    the service's limits, hand them to :func:`joints_from_clip` with ``drop_empty_frames=False``
+    (its default would drop the all-zero frames the parse stage keeps)."""
     return select_actors(parse_skeleton(data), denoise).joints
 
 

@@ -11,7 +11,11 @@ Format (whitespace-separated, one record per line, CRLF in the original files)::
 
 :func:`parse_skeleton` uses the compiled parser (``stages/_skeleton_parser.c``) when it is built and
 this module's pure-Python twin otherwise; both give the same arrays and the same error codes and
-messages (a test holds them to it). A leading UTF-8 byte-order mark is skipped.
+messages (a test holds them to it). A leading UTF-8 byte-order mark is skipped. A line ends at
+``\r\n``, ``\n`` or a lone ``\r`` (old Mac files), as in Python's universal newlines. The blanks, line
+ends, NUL bytes and DOS end-of-file marks (0x1a) after the file's last field are padding (a copy tool's
+or editor's, as the reference readers take it), not binary data; a record after the declared frames
+is ``trailing_data``.
 """
 
 from __future__ import annotations
@@ -65,14 +69,50 @@ class RawSkeleton:
         return self.values[:, :, 5:7]
 
 
-def _cut_mid_line(error: SkeletonFormatError, data: bytes) -> SkeletonFormatError:
-    """Name a file that stops in the middle of its last line as truncated, not as a bad field."""
-    match = re.match(r"line (\d+)", error.message)
-    if match and not data.endswith(b"\n") and int(match.group(1)) == data.count(b"\n") + 1:
-        return SkeletonFormatError(
-            "truncated", f"file ends in the middle of line {match.group(1)} ({error.message})"
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_PADDING = b" \t\x0b\x0c\r\n\x00\x1a"  # what may follow the last field: blanks, line ends, NUL, 0x1a
+_PADDING_AS_BLANKS = bytes.maketrans(b"\x00\x1a", b"  ")
+# The start of a number that a cut can leave: a sign, a point, or digits ending in an exponent mark.
+_NUMBER_START = re.compile(rb"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?)?|\.?)")
+
+
+def _without_padding(data: bytes) -> bytes:
+    """``data`` with the NUL and 0x1a bytes of its trailing padding made blanks (same length)."""
+    start = len(data.rstrip(_PADDING))
+    return data if start == len(data) else data[:start] + data[start:].translate(_PADDING_AS_BLANKS)
+
+
+def _cut_explains(error: SkeletonFormatError, tokens: list[bytes]) -> bool:
+    """Whether a cut in the middle of the line of ``tokens`` explains ``error``: too few fields, a last
+    field that is the start of a number, or a joint count that is the start of 25."""
+    if error.code == "bad_field_count":
+        expected = re.search(r"expected a (\d+)-field", error.message)
+        return expected is not None and len(tokens) < int(expected.group(1))
+    if error.code == "non_numeric":
+        field = re.match(r"line \d+ field (\d+):", error.message)
+        return (
+            field is not None
+            and int(field.group(1)) == len(tokens)
+            and bool(_NUMBER_START.fullmatch(tokens[-1]))
         )
-    return error
+    return error.code == "bad_joint_count" and len(tokens) == 1 and b"25".startswith(tokens[0])
+
+
+def _cut_mid_line(error: SkeletonFormatError, data: bytes) -> SkeletonFormatError:
+    """Name a file that stops in the middle of its last line as truncated when the cut explains the
+    error (a non-finite value or a line with too many fields on that line keeps its own code)."""
+    match = re.match(r"line (\d+)", error.message)
+    if match is None:
+        return error
+    ends = list(_LINE_END.finditer(data))
+    if int(match.group(1)) != len(ends) + 1:  # not a last line without a line end
+        return error
+    last = data[ends[-1].end() if ends else 0 :].translate(_PADDING_AS_BLANKS)
+    if not _cut_explains(error, last.split()):
+        return error
+    return SkeletonFormatError(
+        "truncated", f"file ends in the middle of line {match.group(1)} ({error.message})"
+    )
 
 
 def _without_bom(data: bytes) -> bytes:
@@ -82,9 +122,9 @@ def _without_bom(data: bytes) -> bytes:
 
 def parse_skeleton(data: bytes) -> RawSkeleton:
     """Parse the bytes of a ``.skeleton`` file; raise :class:`SkeletonFormatError` if malformed."""
-    data = _without_bom(data)
     if _native is None:
-        return parse_skeleton_python(data)
+        return parse_skeleton_python(data)  # which skips the byte-order mark itself (once)
+    data = _without_bom(data)
     result = _native.parse(data)
     if len(result) == 2:
         raise _cut_mid_line(SkeletonFormatError(*result), data)
@@ -110,23 +150,23 @@ def has_native_parser() -> bool:
 
 class _Lines:
     def __init__(self, data: bytes):
-        self._lines = data.split(b"\n")
-        if len(self._lines) > 1 and not self._lines[-1]:  # after the last newline: no line (as in C)
-            self._lines.pop()
+        pieces = _LINE_END.split(_without_padding(data))  # lines; "\r\n" is one line end
+        if len(pieces) > 1 and not pieces[-1]:  # after the last line end: no line (as in C)
+            pieces.pop()
+        self._lines = pieces
+        self._ends = [m.end() for m in _LINE_END.finditer(data)]  # offset after each line end
         self._next = 0
-        self._offset = 0
         self.line = 0  # 1-based number of the line last returned
         self.tokens: list[bytes] = []
 
     def next(self) -> bool:
         while self._next < len(self._lines):
             raw = self._lines[self._next]
-            start = self._offset
+            start = self._ends[self._next - 1] if self._next else 0
             self._next += 1
-            self._offset += len(raw) + 1
             self.line += 1
             for i, byte in enumerate(raw):
-                if (byte < 0x20 and byte not in b"\t\r\x0b\x0c") or byte >= 0x7F:
+                if (byte < 0x20 and byte not in b"\t\x0b\x0c") or byte >= 0x7F:
                     raise SkeletonFormatError(
                         "binary",
                         f"binary data (byte 0x{byte:02x} at offset {start + i}, line {self.line}): "
@@ -266,8 +306,12 @@ def _parse_python(data: bytes) -> RawSkeleton:
             values.append(record)
             tracking.append(states)
     if lines.next():
+        found = len(lines.tokens)
+        first = _token_repr(lines.tokens[0]) + ("" if found == 1 else " ...")
         raise SkeletonFormatError(
-            "trailing_data", f"declared {frames} frames but the data goes on at line {lines.line}"
+            "trailing_data",
+            f"declared {frames} frames but the data goes on at line {lines.line} with {found} "
+            f"field{'' if found == 1 else 's'}: '{first}'",
         )
     return RawSkeleton(
         declared_frames=frames,

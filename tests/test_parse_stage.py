@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from stages import parse
+from stages import parse, preprocess
 from stages.denoise import select_actors
 from stages.params import ParamsError
-from stages.skeleton_text import format_skeleton, parse_skeleton
+from stages.skeleton_text import BodyRecord, format_skeleton, parse_skeleton
 from stages.store import open_store
 from tests.factory import STANDING, body, moving, second_person_id_switch
 
@@ -313,3 +314,71 @@ def test_a_joint_beyond_any_body_is_rejected_but_a_dropped_body_may_hold_it(tmp_
     row, joints, _ = parse.process_file(str(tmp_path / "S001C001P002R001A008.skeleton"), settings)
     assert row["status"] == "accepted" and row["dropped_by_length"] == 1
     np.testing.assert_allclose(joints[..., 0].transpose(1, 2, 0), xyz, atol=1e-5)
+
+
+def test_a_name_that_is_not_utf8_gets_a_row_and_does_not_stop_the_stage(tmp_path):
+    """A file whose name is not valid UTF-8 (a Latin-1 "é", say) is rejected as ``bad_name`` with the
+    name shown printable; a good file in a folder with such a name is read as any other."""
+    raw = os.fsencode(tmp_path / "raw")
+    try:
+        os.makedirs(os.path.join(raw, b"caf\xe9"))
+    except (OSError, UnicodeError):  # a file system that refuses such names (macOS) cannot have them
+        pytest.skip("this file system refuses names that are not valid UTF-8")
+    data = person_file(20, 1)
+    for name in (b"S001C001P001R001A001.skeleton", b"caf\xe9/S001C001P001R001A002.skeleton"):
+        with open(os.path.join(raw, name), "wb") as file:
+            file.write(data)
+    with open(os.path.join(raw, b"S001C001P001R001A003\xe9.skeleton"), "wb") as file:
+        file.write(data)
+    params = dataclasses.replace(PARAMS, dataset="synthetic", classes="all")
+    summary = parse.run(params, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    rows = pq.read_table(tmp_path / "out" / "samples.parquet").to_pylist()
+    got = {r["file"]: (r["name"], r["status"], r["reason_code"]) for r in rows}
+    assert got == {
+        "S001C001P001R001A001.skeleton": ("S001C001P001R001A001", "accepted", None),
+        "caf\\xe9/S001C001P001R001A002.skeleton": ("S001C001P001R001A002", "accepted", None),
+        "S001C001P001R001A003\\xe9.skeleton": ("S001C001P001R001A003\\xe9", "rejected", "bad_name"),
+    }
+    bad = next(r for r in rows if r["status"] == "rejected")
+    assert "is not valid UTF-8" in bad["reason"] and bad["file_bytes"] == len(data)
+    assert (summary["accepted"], summary["rejected"]) == (2, 1)
+
+
+def test_a_duplicate_row_keeps_nothing_of_the_copy_it_was_not_made_from(tmp_path):
+    """The second good copy of a name is rejected, and its row has no label, frame or body counts:
+    the store holds nothing of that file."""
+    for folder in "ab":
+        (tmp_path / "raw" / folder).mkdir(parents=True)
+        (tmp_path / "raw" / folder / "S001C001P001R001A001.skeleton").write_bytes(person_file(30, 1))
+    params = dataclasses.replace(PARAMS, dataset="synthetic", classes="all")
+    parse.run(params, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    good, duplicate = pq.read_table(tmp_path / "out" / "samples.parquet").to_pylist()
+    assert (good["status"], good["label"], good["kept_frames"], good["bodies_seen"]) == ("accepted", 0, 30, 1)
+    assert (duplicate["status"], duplicate["reason_code"]) == ("rejected", "duplicate")
+    assert duplicate["index"] == -1
+    processed = ("label", "raw_frames", "body_frames", "kept_frames", "bodies_seen", "actors_kept")
+    assert all(duplicate[column] is None for column in processed), duplicate
+    assert all(duplicate[f"dropped_by_{rule}"] is None for rule in ("length", "spread", "overlap"))
+    assert (duplicate["action"], duplicate["file_bytes"]) == (1, good["file_bytes"])
+
+
+def test_an_uploaded_file_is_prepared_as_parse_stores_it(tmp_path):
+    """A single-body file with a frame whose joints are all zero: parse keeps that frame (T = 6), and
+    the service's file path (joints_from_skeleton_file, then joints_from_clip with
+    drop_empty_frames=False) gives the same T and values; the clip default drops it."""
+    xyz = moving(STANDING, 6, 0.1, 1)
+    frames = [[body(ID, x)] for x in xyz]
+    frames[3] = [BodyRecord(ID, joints=np.zeros((25, 11)), tracking=np.zeros(25))]
+    data = format_skeleton(frames)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "S001C001P001R001A001.skeleton").write_bytes(data)
+    params = dataclasses.replace(PARAMS, dataset="synthetic", classes="all")
+    parse.run(params, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    store = open_store(tmp_path / "out" / "skeletons.zarr", required=("joints",))
+    length = int(store["lengths"][0])
+    stored = store["joints"][0, :, :length]  # 3, T, 25, 2
+    joints = preprocess.joints_from_skeleton_file(data)  # 3, T, 25, 2
+    served = preprocess.joints_from_clip(joints.transpose(3, 1, 2, 0), drop_empty_frames=False)
+    assert length == 6 and served.shape == (3, 6, 25, 2) and np.array_equal(served, stored)
+    assert not served[:, 3].any()
+    assert preprocess.joints_from_clip(joints.transpose(3, 1, 2, 0)).shape[1] == 5  # a client's clip

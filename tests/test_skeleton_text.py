@@ -234,3 +234,132 @@ def test_writer_refuses_wrong_joint_shape():
     bad.joints = bad.joints[:24]
     with pytest.raises(ValueError, match="must be \\(25, 11\\)"):
         st.format_skeleton([[bad]])
+
+
+def _arrays(raw: st.RawSkeleton) -> tuple:
+    arrays = (raw.body_counts, raw.frame_index, raw.body_ids, raw.values, raw.tracking)
+    return (raw.declared_frames, *(a.tobytes() for a in arrays))
+
+
+def _outcome(parse, data: bytes) -> tuple:
+    try:
+        return ("ok", *_arrays(parse(data)))
+    except st.SkeletonFormatError as exc:
+        return (exc.code, exc.message)
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+def test_lone_cr_line_ends_read_as_python_reads_them(parse):
+    """Old Mac line ends ("\\r" alone) are line ends, as in Python's universal newlines (CTR-GCN's
+    reader); "\\r\\n" stays one line end, so line numbers are those of the CRLF file."""
+    crlf, _, _ = two_body_file("\r\n")
+    assert _arrays(parse(two_body_file("\r")[0])) == _arrays(parse(crlf))
+    mixed = crlf.replace(b"\r\n", b"\r", 40)  # the first 40 line ends CR only, the rest CRLF
+    assert _arrays(parse(mixed)) == _arrays(parse(crlf))
+    assert _arrays(parse(crlf.replace(b"\r\n", b"\r\r\n"))) == _arrays(parse(crlf))  # blank lines
+    for data in (two_body_file("\r")[0], mixed):
+        with pytest.raises(st.SkeletonFormatError) as info:
+            parse(data.replace(b"25", b"24", 1))  # the first body's joint count, line 4
+        assert (info.value.code, info.value.message) == (
+            "bad_joint_count",
+            "line 4: body has 24 joints, expected 25",
+        )
+    data = b"5" + two_body_file("\r")[0][1:]  # 5 frames declared, 4 there: 1 + 4 + 4 * 27 lines
+    with pytest.raises(st.SkeletonFormatError, match=r"ends before frame 5 of 5 \(after line 113\)"):
+        parse(data)
+
+
+LAST_JOINT = REAL_FRAME.rindex(b"\r\n", 0, len(REAL_FRAME) - 2) + 2  # start of line 29, the last
+
+CUT_LAST_LINE = {  # the file ends without a line end after its last line, line 29
+    "too_few_fields": (REAL_FRAME[:-3], "truncated", "expected a 12-field joint line, found 11"),
+    "number_cut_short": (REAL_FRAME[:-2] + b"e", "truncated", "'2e' is not a number"),
+    "joint_count_cut": (REAL_FRAME[: HEADER_END - 3], "truncated", "line 4: body has 2 joints"),
+    "cut_then_padding": (REAL_FRAME[:-3] + b"\x00" * 4, "truncated", "found 11 fields"),
+    "non_finite": (
+        REAL_FRAME[:LAST_JOINT] + b"nan" + REAL_FRAME[LAST_JOINT + 9 : -2],
+        "non_finite",
+        "line 29 field 1: non-finite value 'nan'",
+    ),
+    "too_many_fields": (REAL_FRAME[:-2] + b" 0", "bad_field_count", "found 13 fields"),
+    "not_a_number": (REAL_FRAME[:-3] + b"x", "non_numeric", "line 29 field 12: 'x' is not a number"),
+}
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+@pytest.mark.parametrize("kind", sorted(CUT_LAST_LINE))
+def test_a_cut_last_line_is_truncated_only_where_the_cut_explains_the_error(parse, kind):
+    """A file ending inside its last line is ``truncated`` when the cut explains what is wrong there
+    (too few fields, a number or count cut short); a non-finite value or a 13th field keeps its code."""
+    data, code, phrase = CUT_LAST_LINE[kind]
+    with pytest.raises(st.SkeletonFormatError) as info:
+        parse(data)
+    assert info.value.code == code and phrase in info.value.message
+    assert ("file ends in the middle of line" in info.value.message) == (code == "truncated")
+
+
+PADDING = {
+    "nul": b"\x00" * 16,
+    "ctrl_z": b"\x1a",
+    "mixed": b"\r\n\x00\x00\r\n\x1a \t",
+    "whitespace": b" \t\r\n\r\n  ",
+    "cr_only": b"\r\r",
+}
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+@pytest.mark.parametrize("tail", sorted(PADDING))
+def test_padding_after_the_last_frame_is_not_data(parse, tail):
+    """NUL padding, a DOS end-of-file mark (0x1a) or blanks after the declared frames lose nothing:
+    the file reads as without them (the reference readers accept it), with or without a last line end."""
+    clean = _arrays(parse(REAL_FRAME))
+    assert _arrays(parse(REAL_FRAME + PADDING[tail])) == clean
+    assert _arrays(parse(REAL_FRAME[:-2] + PADDING[tail])) == clean
+    with pytest.raises(st.SkeletonFormatError) as info:  # padding after a missing frame: still truncated
+        parse(b"2" + REAL_FRAME[1:] + PADDING[tail])
+    assert info.value.code == "truncated" and "ends before frame 2 of 2" in info.value.message
+
+
+TRAILING = {  # what follows the one declared frame -> code and message
+    b"1\r\n": ("trailing_data", "declared 1 frames but the data goes on at line 30 with 1 field: '1'"),
+    b"\r\n0.2 0.1 3\r\n\x00\x00": (
+        "trailing_data",
+        "declared 1 frames but the data goes on at line 31 with 3 fields: '0.2 ...'",
+    ),
+    # padding is what follows the file's last field: a NUL with data after it is binary data
+    b"\x00\x00garbage": ("binary", "binary data (byte 0x00 at offset 2840, line 30)"),
+    b"\x00\x00\xff\x00": ("binary", "binary data (byte 0x00 at offset 2840, line 30)"),
+}
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+@pytest.mark.parametrize("tail", sorted(TRAILING))
+def test_a_record_after_the_declared_frames_is_refused_saying_what_was_found(parse, tail):
+    code, phrase = TRAILING[tail]
+    with pytest.raises(st.SkeletonFormatError) as info:
+        parse(REAL_FRAME + tail)
+    assert info.value.code == code and phrase in info.value.message
+
+
+def test_the_byte_order_mark_is_skipped_once_without_the_compiled_parser(monkeypatch):
+    """Without the compiled parser, parse_skeleton gives the native result: one BOM skipped, a second
+    one is binary data."""
+    data = b"\xef\xbb\xbf" * 2 + REAL_FRAME
+    native = _outcome(st.parse_skeleton, data)
+    monkeypatch.setattr(st, "_native", None)
+    assert _outcome(st.parse_skeleton, data) == native
+    assert native[0] == "binary" and "offset 0, line 1" in native[1]
+    assert _outcome(st.parse_skeleton, b"\xef\xbb\xbf" + REAL_FRAME)[0] == "ok"
+
+
+def test_native_and_python_parsers_agree_on_line_ends_and_padding():
+    """The mutation fuzz on CR-only and LF files, with padding or a record after the last frame."""
+    tails = [b"", b"\x00" * 5, b"\x1a", b"\r\n\x00\r\n", b"\r", b"0\r\n", b"\x00x", b"\x00\xff", b"1 2\x00"]
+    outcomes = set()
+    for i, mutated in enumerate(_mutations(two_body_file("\r")[0], 150, seed=11)):
+        for data in (mutated, mutated.replace(b"\r", b"\n")):
+            data += tails[i % len(tails)]
+            native, python = _outcome(st.parse_skeleton, data), _outcome(st.parse_skeleton_python, data)
+            assert native == python, data
+            outcomes.add(native[0])
+    assert {"ok", "binary", "trailing_data", "bad_field_count", "non_numeric"} <= outcomes
