@@ -4,9 +4,10 @@ The model is loaded in the lifespan (:class:`serving.service.Service`) from the 
 (``NTU_SERVE_BUNDLE_DIR``) or the MLflow registry (``NTU_SERVE_MODEL_URI``); when that fails the app
 still starts, /health answers and /ready and /v1/* answer 503 with the reason. The pose estimator
 for ``/v1/predict/video`` (``NTU_SERVE_POSE_DIR``, the export_pose stage's output) is loaded beside it;
-without it only that endpoint answers 503. Endpoints:
-:mod:`serving.routes` (HTTP) and :mod:`serving.stream` (the WebSocket protocol); settings:
-:mod:`serving.settings`; every error is ``{"detail": "...", "code": "..."}`` (:mod:`serving.errors`).
+without it only that endpoint answers 503. Endpoints: :mod:`serving.routes` (HTTP; ``.npy`` clips
+to ``/v1/predict`` are answered in front of the routing by :mod:`serving.fastlane`) and
+:mod:`serving.stream` (the WebSocket protocol); settings: :mod:`serving.settings`; every error is
+``{"detail": "...", "code": "..."}`` (:mod:`serving.errors`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import FastAPI, Security
 from starlette.middleware import Middleware
 
 from . import errors, routes, stream
+from .fastlane import NpyPredictLane
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .schemas import ErrorBody
@@ -62,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_video_bytes=settings.max_video_bytes,
                 body_timeout_s=settings.body_timeout_s,
             ),
+            Middleware(NpyPredictLane, service=service),  # .npy clips to /v1/predict, before routing
         ],
     )
     app.state.service = service

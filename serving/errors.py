@@ -47,9 +47,23 @@ def error_response(
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+def http_error(exc: HTTPException) -> JSONResponse:
     code = getattr(exc, "code", None) or CODES.get(exc.status_code, "error")
     return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+
+def rejected(exc: RejectedInput) -> JSONResponse:
+    return error_response(422, exc.code, exc.message)
+
+
+def disconnected() -> JSONResponse:
+    return error_response(
+        400, "client_disconnected", "the client closed the connection before its request body was complete"
+    )
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return http_error(exc)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -57,13 +71,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _rejected(request: Request, exc: RejectedInput) -> JSONResponse:
-    return error_response(422, exc.code, exc.message)
+    return rejected(exc)
 
 
 async def _disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
-    return error_response(
-        400, "client_disconnected", "the client closed the connection before its request body was complete"
-    )
+    return disconnected()
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -141,24 +141,33 @@ def tensorrt_ep_options(meta: dict, persons: int, cache_dir: Path) -> dict[str, 
 
 
 def onnx_session(
-    path: Path, threads: int, meta: dict, persons: int, cache_dir: Path
+    path: Path, threads: int, meta: dict, persons: int, cache_dir: Path, tensorrt: bool = True
 ) -> tuple[Any, str | None]:
     """An ONNX Runtime session on the best available providers, and why the TensorRT provider was
     left out (None when it was not there, or works): with it, its options (:func:`tensorrt_ep_options`);
-    a session it fails to create is made again without it, on CUDA or the CPU."""
+    a session it fails to create is made again without it, on CUDA or the CPU. ``tensorrt=False``
+    leaves it out (the INT8 graph: its asymmetric uint8 quantisation is not TensorRT's)."""
     providers: list = ort_providers()
     if TENSORRT_EP not in providers:
         return export.ort_session(path, threads, providers), None
+    rest = [p for p in providers if p != TENSORRT_EP]
+    if not tensorrt:
+        return export.ort_session(
+            path, threads, rest
+        ), "not used for this graph (INT8 with uint8 zero points)"
     cache_dir = cache_dir.expanduser() / meta.get("version", "bundle")
     with_options = [
         (p, tensorrt_ep_options(meta, persons, cache_dir)) if p == TENSORRT_EP else p for p in providers
     ]
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        return export.ort_session(path, threads, with_options), None
+        session = export.ort_session(path, threads, with_options)
     except Exception as exc:  # TensorRT missing, the cache unwritable, a graph it cannot take
-        rest = [p for p in providers if p != TENSORRT_EP]
         return export.ort_session(path, threads, rest), f"{type(exc).__name__}: {exc}"
+    if TENSORRT_EP not in session.get_providers():  # ONNX Runtime's own fallback: it prints why
+        used = ", ".join(session.get_providers())
+        return session, f"ONNX Runtime could not create it and fell back to {used} (its log says why)"
+    return session, None
 
 
 def _onnx(
@@ -168,7 +177,9 @@ def _onnx(
     if not name:
         raise ModelError(f"{bundle_dir}: the bundle has no {kind} model (files: {meta['files']})")
     cache_dir = Path(cache_dir or Settings.model_fields["tensorrt_cache_dir"].default)
-    session, skipped = onnx_session(bundle_dir / name, threads, meta, MAX_PERSONS, cache_dir)
+    session, skipped = onnx_session(
+        bundle_dir / name, threads, meta, MAX_PERSONS, cache_dir, tensorrt=kind != "int8"
+    )
     info = {
         "kind": kind,
         "file": name,
@@ -228,8 +239,11 @@ def open_runtime(
         return _tensorrt(bundle_dir, meta)
     if meta["files"].get("tensorrt") and export.tensorrt_available() is None:
         try:
-            return _tensorrt(bundle_dir, meta)
-        except Exception as exc:  # an engine built for another GPU or TensorRT version: fall back
+            run, info = _tensorrt(bundle_dir, meta)
+            run(np.zeros((1, 3, meta["input"]["window"], NUM_JOINTS, MAX_PERSONS), np.float32))
+            return run, info
+        except Exception as exc:  # an engine built for another GPU or TensorRT version, or that
+            # loads but cannot run the service's clips: fall back
             run, info = _onnx(bundle_dir, meta, "fp32", threads, solo, cache_dir)
             return run, {**info, "tensorrt_skipped": str(exc)}
     return _onnx(bundle_dir, meta, "fp32", threads, solo, cache_dir)

@@ -65,6 +65,7 @@ from .schemas import (
     VideoSkeletons,
     VideoTiming,
     VideoWindow,
+    batch_clip,
     describe_errors,
     npy_clip,
     plain_clip,
@@ -96,6 +97,11 @@ async def require_api_key(
     service: Annotated[Service, Depends(get_service)], key: Annotated[str | None, Security(_api_key)]
 ) -> None:
     """The ``/v1`` guard (installed by ``create_app`` only when a key is configured)."""
+    check_api_key(service, key)
+
+
+def check_api_key(service: Service, key: str | None) -> None:
+    """401 unless ``key`` (the request's ``X-API-Key``, None without one) is the configured key."""
     if not key_matches(key, service.settings.api_key):
         raise ApiError(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header")
 
@@ -104,8 +110,13 @@ Service_ = Annotated[Service, Depends(get_service)]
 Model_ = Annotated[LoadedModel, Depends(ready_model)]
 
 
+def media_type(content_type: str) -> str:
+    """A ``Content-Type`` header's media type, lower case, without its parameters."""
+    return content_type.split(";")[0].strip().lower()
+
+
 def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media_type(request.headers.get("content-type", ""))
 
 
 async def json_bytes(request: Request, other: str = "") -> bytes:
@@ -175,26 +186,34 @@ _VIDEO_UPLOAD = {
 }
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 413, 415, 422, 503)}
 
+# HEAD wherever GET works (HTTP says so; some health checkers send it): FastAPI answers HEAD only
+# where a route lists it
+GET_HEAD = ["GET", "HEAD"]
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=[Depends(ready_model)])  # 503 without a model
 
 
-@router.get("/health", response_model=Health)
+@router.api_route("/health", methods=GET_HEAD, response_model=Health)
 async def health() -> Health:
     return Health(status="alive")
 
 
-@router.get("/ready", response_model=Ready, responses={503: {"model": ErrorBody}})
+@router.api_route("/ready", methods=GET_HEAD, response_model=Ready, responses={503: {"model": ErrorBody}})
 async def ready(service: Service_) -> Ready:
     return Ready(ready=True, model=service.ref)
 
 
-@router.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
+@router.api_route(
+    "/metrics",
+    methods=GET_HEAD,
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}}},
+)
 async def metrics(service: Service_) -> PlainTextResponse:
     return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@v1.get("/model", response_model=ModelInfo)
+@v1.api_route("/model", methods=GET_HEAD, response_model=ModelInfo)
 async def model_info(service: Service_, model: Model_) -> ModelInfo:
     meta, s, limits = model.meta, service.settings, service.limits
     return ModelInfo(
@@ -208,7 +227,10 @@ async def model_info(service: Service_, model: Model_) -> ModelInfo:
         classes=model.labels,
         input={
             **meta["input"],
+            # the bundle's min_frames is the exported graph's; clips are resized to its window
+            **({"graph_min_frames": meta["input"]["min_frames"]} if "min_frames" in meta["input"] else {}),
             "clip": "(T, 25, 3) for one person or (M, T, 25, 3), M <= 2; x, y, z in metres, camera space",
+            "min_frames": limits.min_frames,
             "max_frames": limits.max_frames,
             "max_abs_metres": limits.max_abs,
             "max_batch": s.max_batch,
@@ -249,26 +271,30 @@ def answer(service: Service, prediction: dict) -> Response:
 
 @v1.post("/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY)
 async def predict(request: Request, service: Service_) -> Response:
-    if _media_type(request) == NPY_MEDIA_TYPE:
-        body = await request.body()
-        # Prepared on the event loop: no parsing, and bounded by the clip limits (0.12 ms for a
-        # 84-frame clip, 1.2 ms for the largest, 2 x 1200 frames of float64). In a worker thread
-        # the same work cost the service 9-11% of its requests/s at 32 clients: its many small
-        # NumPy calls pass the GIL back and forth with the event loop, busy under load
-        # (benchmarks/serve_load.py). A bad body or clip: 422 (ClipError).
-        prediction = await service.predict_prepared(
-            lambda: service.prepare_clip(npy_clip(body)), on_loop=True
-        )
-    else:
-        body = await json_bytes(request, f" (or {NPY_MEDIA_TYPE}: the clip array as np.save writes it)")
+    if _media_type(request) == NPY_MEDIA_TYPE:  # in create_app's app, serving.fastlane answers these
+        return await predict_npy(service, await request.body())
+    body = await json_bytes(request, f" (or {NPY_MEDIA_TYPE}: the clip array as np.save writes it)")
 
-        def prepare() -> tuple[np.ndarray, int]:  # a bad body or clip: 422 (ApiError, ClipError)
-            clip = plain_clip(body)  # None: not plain numbers; pydantic reads it and says what is wrong
-            return service.prepare_clip(parse(PredictRequest, body).clip if clip is None else clip)
+    def prepare() -> tuple[np.ndarray, int]:  # a bad body or clip: 422 (ApiError, ClipError)
+        clip = plain_clip(body)  # None: not plain numbers; pydantic reads it and says what is wrong
+        return service.prepare_clip(parse(PredictRequest, body).clip if clip is None else clip)
 
-        # for the same reason a short body is parsed on the event loop (+18% requests/s at 32
-        # clients for a 56 KiB clip), a long one in a worker thread
-        prediction = await service.predict_prepared(prepare, on_loop=len(body) <= INLINE_JSON_BYTES)
+    # for the reason predict_npy gives, a short body is parsed on the event loop (+18% requests/s
+    # at 32 clients for a 56 KiB clip), a long one in a worker thread
+    prediction = await service.predict_prepared(prepare, on_loop=len(body) <= INLINE_JSON_BYTES)
+    return answer(service, prediction)
+
+
+async def predict_npy(service: Service, body: bytes) -> Response:
+    """``POST /v1/predict``'s answer to an ``.npy`` clip ``body``.
+
+    Prepared on the event loop: no parsing, and bounded by the clip limits (0.1 ms for a 84-frame
+    clip, 1.2 ms for the largest, 2 x 1200 frames of float64). In a worker thread the same work cost
+    the service 9-11% of its requests/s at 32 clients: its many small NumPy calls pass the GIL back
+    and forth with the event loop, busy under load (benchmarks/serve_load.py). A bad body or clip:
+    422 (ClipError).
+    """
+    prediction = await service.predict_prepared(lambda: service.prepare_clip(npy_clip(body)), on_loop=True)
     return answer(service, prediction)
 
 
@@ -277,9 +303,9 @@ def _prepare_all(service: Service, clips: list) -> list:
     if len(clips) > limit:
         raise ApiError(422, "too_many", f"{len(clips)} clips in one request; at most {limit}")
     out = []
-    for clip in clips:
+    for i in range(len(clips)):
         try:
-            out.append(service.prepare_clip(clip))
+            out.append(service.prepare_clip(batch_clip(clips, i)))
         except RejectedInput as exc:
             out.append(exc)
     return out

@@ -21,7 +21,17 @@ from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from models.skeleton import MAX_PERSONS, NUM_JOINTS
 from stages.preprocess import ClipError
@@ -40,13 +50,9 @@ _PERSONS = {
     "description": "(M, T, 25, 3): M persons, the same T",
 }
 CLIP_SCHEMA = {"anyOf": [_ONE, _PERSONS], "description": "joints x, y, z in metres, camera space"}
-_NUMBERS = {"type": "array", "items": {"type": "number"}}
-for _ in range(2):
-    _NUMBERS = {"type": "array", "items": _NUMBERS}
-BATCH_CLIP_SCHEMA = {  # the request fails on types only; each clip's shape is checked on its own
-    "anyOf": [_NUMBERS, {"type": "array", "items": _NUMBERS}],
-    "description": "a clip as for /v1/predict: (T, 25, 3) or (M, T, 25, 3); a clip of another shape "
-    "or with bad values gets an error entry of its own",
+BATCH_CLIP_SCHEMA = {  # any value: each clip's types and shape are checked on its own (batch_clip)
+    "description": "a clip as for /v1/predict: (T, 25, 3) or (M, T, 25, 3) numbers; a clip of another "
+    "shape, of other types or with bad values gets an error entry of its own",
 }
 FRAME_SCHEMA = {"anyOf": [_FRAME, {"type": "array", "items": _FRAME, "minItems": 1, "maxItems": MAX_PERSONS}]}
 _LAYOUT_TAGS = ("one", "persons")
@@ -75,7 +81,6 @@ _Clip = Annotated[
     Discriminator(_layout),
 ]
 Clip = Annotated[_Clip, WithJsonSchema(CLIP_SCHEMA)]
-BatchClip = Annotated[_Clip, WithJsonSchema(BATCH_CLIP_SCHEMA)]
 Frame = Annotated[
     Annotated[list[list[Number]], Tag("one")] | Annotated[list[list[list[Number]]], Tag("persons")],
     Discriminator(_frame_layout),
@@ -183,6 +188,10 @@ def npy_clip(body: bytes) -> np.ndarray:
         raise ClipError("bad_npy", f"the body is not a .npy array ({exc})") from None
     if dtype.kind not in "fiu" or dtype.fields is not None or dtype.subdtype is not None:
         raise ClipError("bad_npy", f"the array's dtype is {dtype}; send float32 or float64 numbers")
+    if any(d < 0 for d in shape):  # numpy's reader takes (-5, -25, 3)
+        raise ClipError("bad_npy", f"the header declares shape {shape}, with a negative dimension")
+    if not 3 <= len(shape) <= 4:  # before numpy has to make it (at most 64 dimensions)
+        raise ClipError("bad_shape", f"expected (T, 25, 3) or (M, T, 25, 3), got an array of shape {shape}")
     data, count = memoryview(body)[offset:], math.prod(shape)
     if len(data) != count * dtype.itemsize:
         raise ClipError(
@@ -191,18 +200,39 @@ def npy_clip(body: bytes) -> np.ndarray:
             f"but {len(data)} follow",
         )
     array = np.frombuffer(data, dtype=dtype, count=count)
-    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    try:
+        return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    except ValueError as exc:  # an empty array with a dimension beyond what numpy indexes
+        raise ClipError("bad_npy", f"the header declares shape {shape}: {exc}") from None
 
 
 class BatchRequest(_Strict):
-    clips: list[BatchClip] = Field(min_length=1, description="clips validated and predicted one by one")
+    # each clip's types are checked on its own too (batch_clip): one clip of strings or of the wrong
+    # nesting gets an error entry, and the others their predictions
+    clips: list[Annotated[Any, WithJsonSchema(BATCH_CLIP_SCHEMA)]] = Field(
+        min_length=1, description="clips validated and predicted one by one"
+    )
+
+
+_BATCH_CLIP = TypeAdapter(_Clip)
+
+
+def batch_clip(clips: list, index: int) -> list:
+    """Clip ``index`` of a batch request with its types checked as ``/v1/predict`` checks them;
+    raises :class:`ClipError` (``invalid_request``, naming the place) when they are wrong."""
+    try:
+        return _BATCH_CLIP.validate_python(clips[index])
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        errors = [{**e, "loc": ("clips", index, *e["loc"])} for e in errors]
+        raise ClipError("invalid_request", describe_errors(errors)) from None
 
 
 class StreamMessage(_Strict):
     """One WebSocket message from the client: a frame, or a reset of the window."""
 
     frame: Frame | None = None
-    reset: bool = False
+    reset: Annotated[bool, Strict()] = False  # true or false, as the frame's numbers are strict
 
 
 class ErrorBody(BaseModel):

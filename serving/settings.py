@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+KiB = 1024
 MiB = 1 << 20
 
 
@@ -73,7 +74,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="`python -m serving` listens here")
 
     # -- input limits --
-    max_body_bytes: int = Field(16 * MiB, ge=1024, description="largest JSON body or WebSocket message")
+    max_body_bytes: int = Field(16 * MiB, ge=1024, description="largest JSON body")
+    max_message_bytes: int = Field(
+        64 * KiB,
+        ge=1024,
+        description="largest WebSocket message (a two-person frame is about 4 KiB of JSON; parsing a "
+        "16 MiB message held the event loop, every client's requests, for 1.5 s)",
+    )
     max_upload_bytes: int = Field(32 * MiB, ge=1024, description="largest /v1/predict/file multipart body")
     max_frames: int = Field(1200, ge=1, description="longest clip accepted, in frames (NTU: <= 300)")
     max_batch: int = Field(32, ge=1, description="most clips in one /v1/predict/batch request")
@@ -160,6 +167,10 @@ class Settings(BaseSettings):
             text = value.get_secret_value() if isinstance(value, SecretStr) else value
             if not text.strip():
                 raise ValueError("the API key is empty: unset NTU_SERVE_API_KEY to serve without one")
+            # HTTP header values are Latin-1 bytes and the WebSocket's query parameter is UTF-8: a
+            # key beyond visible ASCII matched on one and never on the other
+            if not all("!" <= c <= "~" for c in text):
+                raise ValueError("the API key must be visible ASCII characters (no spaces or accents)")
         return value
 
     @model_validator(mode="after")

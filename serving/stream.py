@@ -17,8 +17,8 @@ server -> client
     ``{"type": "error", "code": "...", "detail": "..."}``
         a message that is not JSON, not one of the forms above, a frame of the wrong shape, with NaN,
         infinite or out-of-range values, or with every joint zero (no body: the pipeline drops such
-        frames too), or a message over ``max_body_bytes``. The frame is not added; the connection
-        stays open and usable.
+        frames too), or a message over ``max_message_bytes`` (in UTF-8 bytes). The frame is not
+        added; the connection stays open and usable.
     ``{"type": "reset", "frame": 0}``
 
 Nothing is sent for a frame that completes no prediction. The window is the last ``stream_window``
@@ -62,7 +62,7 @@ class StreamSession:
     def __init__(self, service: Service):
         self.service = service
         s = service.settings
-        self.size, self.stride, self.max_bytes = s.stream_window, s.stream_stride, s.max_body_bytes
+        self.size, self.stride, self.max_bytes = s.stream_window, s.stream_stride, s.max_message_bytes
         self.limits = ClipLimits(min_frames=1, max_frames=1, max_abs=service.limits.max_abs)
         self.window_limits = ClipLimits(min_frames=1, max_frames=self.size, max_abs=service.limits.max_abs)
         self.window: deque[np.ndarray] = deque(maxlen=self.size)
@@ -85,8 +85,9 @@ class StreamSession:
 
     async def on_message(self, raw: str | bytes, received: float) -> dict | None:
         """The reply to one message (None: nothing to say yet); raises RejectedInput when it is bad."""
-        if len(raw) > self.max_bytes:
-            raise RejectedInput("too_large", f"the message has {len(raw)} bytes; at most {self.max_bytes}")
+        size = len(raw.encode()) if isinstance(raw, str) else len(raw)  # a text message's characters
+        if size > self.max_bytes:  # are up to 4 bytes each
+            raise RejectedInput("too_large", f"the message has {size} bytes; at most {self.max_bytes}")
         try:
             message = StreamMessage.model_validate_json(raw)
         except ValidationError as exc:

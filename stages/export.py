@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -90,8 +91,13 @@ class ExportParams:
             raise ParamsError("params.yaml [export] tensorrt: auto | off")
         if self.calibration_samples < 1 or self.latency_runs < 1 or self.parity_samples < 0:
             raise ParamsError("params.yaml [export]: calibration_samples, latency_runs >= 1")
-        if sorted(self.tensorrt_batches) != list(self.tensorrt_batches) or self.tensorrt_max_frames < 64:
-            raise ParamsError("params.yaml [export]: tensorrt_batches ascending, tensorrt_max_frames >= 64")
+        batches = list(self.tensorrt_batches)
+        if not batches or batches[0] < 1 or sorted(set(batches)) != batches or self.tensorrt_max_frames < 64:
+            # one profile per batch size, each from the previous size + 1: a repeated size is empty
+            raise ParamsError(
+                "params.yaml [export]: tensorrt_batches strictly ascending from 1 or more, "
+                f"tensorrt_max_frames >= 64 (got {batches}, {self.tensorrt_max_frames})"
+            )
 
 
 class ExportError(RuntimeError):
@@ -365,11 +371,19 @@ def tensorrt_available() -> str | None:
     return None
 
 
+@functools.cache
+def _trt_logger():
+    """The process's one TensorRT logger (TensorRT warns when its objects get different ones)."""
+    import tensorrt as trt
+
+    return trt.Logger(trt.Logger.WARNING)
+
+
 def build_tensorrt(onnx_path: Path, engine_path: Path, batches: tuple[int, ...], max_frames: int) -> dict:
     """Build a TensorRT engine (10/11 API) with one optimisation profile per batch size in ``batches``."""
     import tensorrt as trt
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _trt_logger()
     builder = trt.Builder(logger)
     if int(trt.__version__.split(".")[0]) < 10:
         raise ExportError(f"TensorRT {trt.__version__}: 10 or newer needed")
@@ -430,13 +444,27 @@ class TensorRTRunner:
     def __init__(self, engine_path: Path, batches: tuple[int, ...]):
         import tensorrt as trt
 
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:  # built by another TensorRT version or for another GPU
+        self.runtime = trt.Runtime(_trt_logger())
+        self.engine = engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if engine is None:  # built by another TensorRT version or for another GPU
             raise ExportError(
                 f"TensorRT {trt.__version__} cannot load the engine {engine_path} (see its log)"
             )
-        self.context = self.engine.create_execution_context()
+        if engine.num_optimization_profiles != len(batches):
+            raise ExportError(
+                f"{engine_path}: {engine.num_optimization_profiles} optimisation profiles, "
+                f"not one per batch size of {list(batches)}"
+            )
+        io = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        expected = {INPUT: trt.TensorIOMode.INPUT, OUTPUT: trt.TensorIOMode.OUTPUT}
+        if io != set(expected) or any(
+            engine.get_tensor_mode(name) != mode or engine.get_tensor_dtype(name) != trt.DataType.FLOAT
+            for name, mode in expected.items()
+        ):
+            raise ExportError(
+                f"{engine_path}: not this model's engine (float32 {INPUT} -> {OUTPUT}; has {io})"
+            )
+        self.context = engine.create_execution_context()
         self.batches = batches
         self.stream = torch.cuda.Stream()
         self.profile = -1
@@ -451,7 +479,8 @@ class TensorRTRunner:
         x = torch.from_numpy(np.ascontiguousarray(clips, dtype=np.float32)).cuda()
         with torch.cuda.stream(self.stream):
             if profile != self.profile:
-                self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+                if not self.context.set_optimization_profile_async(profile, self.stream.cuda_stream):
+                    raise ExportError(f"TensorRT refused optimisation profile {profile}")
                 self.profile = profile
             if not self.context.set_input_shape(INPUT, tuple(x.shape)):
                 raise ExportError(f"the TensorRT engine's profiles do not take input {tuple(x.shape)}")

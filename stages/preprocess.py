@@ -93,6 +93,8 @@ def joints_from_clip(
         raise ClipError(
             "out_of_range", f"a coordinate is {biggest:.3g} m from the camera; at most {limits.max_abs} m"
         )
+    # what the model gets, before telling where a body is: 1e-300 is a body in float64, not in float32
+    x = x.astype(np.float32)
     if not x.any():
         raise ClipError("empty", "every joint of every frame is zero: no body in the clip")
     present = x.any(axis=(2, 3))  # M, T

@@ -56,6 +56,19 @@ def pytest_collection_modifyitems(items):
             item._id = item._id.with_params(item.name[len(original) + 1 : -1])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_onnx_providers():
+    """The service on ONNX Runtime's CPU provider in every test, as CI runs it: on a machine with
+    onnxruntime-gpu it would choose TensorRT or CUDA, and the tests assert the CPU provider's
+    settings (one single-threaded worker per core, micro-batching off) and fp32 parities of 1e-4.
+    The GPU providers' sessions are tested with stand-ins (test_serving's TensorRT provider test)."""
+    from serving import model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "ort_providers", lambda: ["CPUExecutionProvider"])
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_features(tmp_path_factory):
     """A features store of 3 synthetic classes (sit down, stand up, a two-person action), 4 performers

@@ -23,7 +23,7 @@ from stages import bundle, export, preprocess
 from stages.dataset import LoaderParams, SkeletonDataset
 from stages.errors import RejectedInput
 from stages.features import FeaturesParams
-from stages.params import from_mapping
+from stages.params import ParamsError, from_mapping
 from stages.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,6 +315,15 @@ def test_bundle_refuses_damage(tiny_bundle, tmp_path, damage):
         bundle.verify(copy)
     with pytest.raises(bundle.BundleError, match=r"no manifest\.json"):
         bundle.verify(tmp_path)
+
+
+@pytest.mark.parametrize("batches", [(8, 8, 64), (8, 1), (0, 8), ()])
+def test_tensorrt_batches_must_be_strictly_ascending(batches):
+    """One optimisation profile per batch size, each from the previous size + 1: a repeated size gave
+    a profile whose minimum exceeds its maximum, which TensorRT refuses at build time on a GPU."""
+    with pytest.raises(ParamsError, match="strictly ascending"):
+        export.ExportParams(tensorrt_batches=batches).validate()
+    export.ExportParams(tensorrt_batches=(1, 8, 64)).validate()
 
 
 def test_cli_rejects_bad_params(tmp_path):
