@@ -105,7 +105,7 @@ def apply_params(root: Path, overrides: dict[str, Any], named: dict[str, Any]) -
     logger = get_run_logger()
     params_file = root / PARAMS_FILE
     current = yaml.safe_load(params_file.read_text())
-    applied = merge(overrides, named_overrides(current, **named))
+    applied = merge(overrides, named_overrides(current, set_params=overrides, **named))
     check_keys(current, applied)
     if not applied:
         logger.info("no overrides: the stages run with %s as it is", PARAMS_FILE)

@@ -35,10 +35,12 @@ def named_overrides(
     recipe: str | None = None,
     epochs: int | None = None,
     benchmark: str | None = None,
+    set_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The flow's named parameters as dotted keys; ``None`` leaves a value as ``params.yaml`` has it.
 
-    ``epochs`` goes to the recipe that will train: ``recipe`` when given, else ``train.recipe``.
+    ``epochs`` goes to the recipe that will train: ``recipe`` when given, else ``train.recipe`` as the
+    run's other overrides (``set_params``) set it, else as ``params.yaml`` has it.
     """
     overrides: dict[str, Any] = {
         key: value
@@ -52,7 +54,7 @@ def named_overrides(
         if value is not None
     }
     if epochs is not None:
-        active = recipe if recipe is not None else lookup(current, "train.recipe")
+        active = recipe or (set_params or {}).get("train.recipe") or lookup(current, "train.recipe")
         overrides[f"train.recipes.{active}.epochs"] = epochs
     return overrides
 

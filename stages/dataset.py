@@ -252,8 +252,10 @@ def make_loader(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader over ``dataset`` with shard-grouped batches, pinned memory when CUDA is present.
+    """A DataLoader over ``dataset`` with shard-grouped batches; ``pin_memory`` (page-locked batches,
+    for asynchronous copies) only when the batches go to a CUDA device.
 
     Call ``set_loader_epoch(loader, epoch)`` before each epoch: it reshuffles and reseeds augmentation
     (also in persistent workers, since each index carries its epoch).
@@ -273,7 +275,7 @@ def make_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         # The loader draws its workers' base seed when an iterator starts: from this generator, not

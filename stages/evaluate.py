@@ -36,7 +36,7 @@ from models.two_stream import FUSIONS, MultiStream, fit_fusion_head
 from stages import training
 from stages.dataset import LoaderParams, SkeletonDataset, make_loader
 from stages.params import ParamsError, load_section
-from stages.store import open_store, write_metrics
+from stages.store import atomic_file, open_store, write_metrics
 from stages.tracking import NullTracker, Tracker, mlflow_run
 from stages.train_gcn import TrainParams
 
@@ -266,7 +266,8 @@ def run(
             raise ValueError(
                 f"{features_dir}: the {split} split of {benchmark} is empty: nothing to evaluate"
             )
-        return make_loader(ds, params.batch_size, shuffle=False, num_workers=params.workers)
+        pin = rt.device.type == "cuda"
+        return make_loader(ds, params.batch_size, shuffle=False, num_workers=params.workers, pin_memory=pin)
 
     # The model's own figures fuse the way the server does: each clip's streams fused, then the
     # clips' probabilities averaged (one clip: the fused scores); each stream's clips are averaged
@@ -314,23 +315,26 @@ def run(
                 )
     confused = most_confused(cm, names, params.top_confused)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "per_class.csv").open("w", newline="") as f:
+    # every file written whole or not at all (a temporary file, then a rename)
+    with atomic_file(out_dir / "per_class.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class_id", "class", "test_samples", "top1"])
         for i in range(k):
             top1 = round(float(per_class[i]), 5) if cm[i].sum() else ""  # no test sample: no accuracy
             w.writerow([f"A{class_ids[i]:03d}", names[i], int(cm[i].sum()), top1])
-    with (out_dir / "confusion.csv").open("w", newline="") as f:
+    with atomic_file(out_dir / "confusion.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["actual", "predicted"])
         w.writerows((names[t], names[p]) for t, p in zip(labels.tolist(), pred.tolist(), strict=True))
-    (out_dir / "confused_pairs.json").write_text(json.dumps(confused, indent=2) + "\n")
+    with atomic_file(out_dir / "confused_pairs.json") as tmp:
+        tmp.write_text(json.dumps(confused, indent=2) + "\n")
     fused_top1 = metrics["centre_clip"]["fused"]["top1"]
     title = f"{benchmark} test, {'+'.join(model.names)} ({params.fusion}): top-1 {fused_top1:.3f}"
-    plot_confusion(cm, names, out_dir / "confusion.png", title)
+    with atomic_file(out_dir / "confusion.png") as tmp:
+        plot_confusion(cm, names, tmp, title)
     record = fused_record(model, names, class_ids, benchmark, loader_params, metrics)
-    torch.save({**record, "denoise": denoise} if denoise else record, out_dir / "model.pt")
+    with atomic_file(out_dir / "model.pt") as tmp:
+        torch.save({**record, "denoise": denoise} if denoise else record, tmp)
     write_metrics(out_dir / "metrics.json", metrics)
 
     tracker.log_params({"evaluate": dataclasses.asdict(params), "streams": list(model.names)})

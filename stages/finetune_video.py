@@ -148,7 +148,8 @@ def skeleton_test_top1(
     ds = SkeletonDataset(
         features_dir, stream="joint", benchmark=benchmark, split="test", params=loader, train=False
     )
-    scores, labels = training.predict(model, make_loader(ds, batch_size, shuffle=False, num_workers=0), rt)
+    batches = make_loader(ds, batch_size, shuffle=False, num_workers=0, pin_memory=rt.device.type == "cuda")
+    scores, labels = training.predict(model, batches, rt)
     return training.topk_accuracy(scores, labels, 1)
 
 

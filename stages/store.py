@@ -1,4 +1,4 @@
-"""The on-disk contracts shared by the data stages: sharded Zarr arrays, atomic output directories.
+"""The on-disk contracts shared by the data stages: sharded Zarr arrays, atomic output directories and files.
 
 Skeleton tensors are ``(N, C, T, V=25, M=2)`` float arrays, zero-padded in T, sharded along N
 (``shard_samples`` samples per shard file, ``chunk_samples`` per compressed chunk inside it), Blosc
@@ -124,14 +124,34 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``final``'s content to; on success rename it over ``final``.
+
+    A killed or failed write leaves ``final`` as it was (or absent), so a half-written output never
+    looks complete. The temporary file has ``final``'s own name, in a temporary sibling directory:
+    writers that record the name write the same bytes (``torch.save`` names its archive after the
+    file; matplotlib picks the format from the suffix).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir / final.name
+        os.replace(tmp_dir / final.name, final)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 # Summary keys that vary from run to run; kept out of the DVC metrics files so that an unchanged
 # stage re-run leaves them (and dvc.lock) byte-identical.
 VOLATILE_KEYS = ("seconds", "workers", "native_parser")
 
 
 def write_metrics(path: Path, summary: dict) -> None:
-    """Write the deterministic part of a stage summary as JSON (a DVC metrics file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the deterministic part of a stage summary as JSON (a DVC metrics file), atomically."""
     stable = {k: v for k, v in summary.items() if k not in VOLATILE_KEYS}
-    path.write_text(json.dumps(stable, indent=2) + "\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(stable, indent=2) + "\n")

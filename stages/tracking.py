@@ -38,6 +38,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def metric_steps(self, key: str) -> set[int]: ...
 
 
 class NullTracker:
@@ -62,6 +63,10 @@ class NullTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
+
+    def metric_steps(self, key: str) -> set[int]:
+        """The steps ``key`` was logged at (``None``: step 0, as MLflow records it)."""
+        return {step or 0 for step, metrics in self.metrics if key in metrics}
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -129,6 +134,18 @@ class MlflowTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call(self._mlflow.set_tags, tags)
 
+    def metric_steps(self, key: str) -> set[int]:
+        """The steps the run holds ``key`` at (empty when it has none, or the store cannot say)."""
+        steps: set[int] = set()
+        if self.run_id is not None:
+
+            def read() -> None:
+                history = self._mlflow.MlflowClient().get_metric_history(self.run_id, mlflow_name(key))
+                steps.update(m.step for m in history)
+
+            self._call(read)
+        return steps
+
 
 @contextlib.contextmanager
 def mlflow_run(
@@ -136,9 +153,9 @@ def mlflow_run(
 ) -> Iterator[Tracker]:
     """An MLflow run in the benchmark's experiment, tagged with the git commit and the DVC stage;
     ``resume_id``: the run a resumed stage continues (its checkpoint names it), when the store still
-    has it in this experiment, so one run holds every epoch; else a new run. A store that cannot be
-    opened (unreachable, locked) is reported and the stage goes on untracked (a
-    :class:`NullTracker`), unless ``required`` (the package stage: registering is its job)."""
+    has it in this experiment and it is not deleted, so one run holds every epoch; else a new run.
+    A store that cannot be opened (unreachable, locked) is reported and the stage goes on untracked
+    (a :class:`NullTracker`), unless ``required`` (the package stage: registering is its job)."""
     import mlflow  # imported here: starting MLflow is the CLI's business, not the library's
 
     try:
@@ -147,9 +164,12 @@ def mlflow_run(
         parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
         if resume_id is not None:
             try:
-                if mlflow.get_run(resume_id).info.experiment_id != experiment.experiment_id:
-                    resume_id = None
+                info = mlflow.get_run(resume_id).info
             except Exception:  # gone, or another store
+                info = None
+            # a deleted run (in the UI's trash) cannot be reopened: start_run refuses it
+            deleted = info is not None and info.lifecycle_stage == "deleted"
+            if info is None or info.experiment_id != experiment.experiment_id or deleted:
                 resume_id = None
         if resume_id is not None:
             started = mlflow.start_run(run_id=resume_id, nested=bool(parent))

@@ -330,7 +330,7 @@ def run(
                 f"{last_path} comes from a run with other parameters; delete it or drop --resume"
             )
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        training.load_optimizer_state(optimizer, ckpt["optimizer"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         training.set_rng_state(ckpt["rng"])

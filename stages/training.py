@@ -104,9 +104,7 @@ def setup_runtime(device: str = "auto", amp: str = "auto", compile: str = "auto"
     if device == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        enable_cuda_speedups()
     else:
         dev = torch.device("cpu")
         torch.set_num_threads(torch_threads(world_size))
@@ -116,6 +114,30 @@ def setup_runtime(device: str = "auto", amp: str = "auto", compile: str = "auto"
     amp_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and dev.type == "cuda")) else None
     use_compile = compile == "on" or (compile == "auto" and dev.type == "cuda")
     return Runtime(dev, amp_dtype, use_compile, rank, world_size)
+
+
+def enable_cuda_speedups() -> None:
+    """TF32 for fp32 matmuls and convolutions, and cudnn autotuning (process-wide CUDA settings).
+
+    torch >= 2.9 sets TF32 per backend (``fp32_precision``) and deprecates the ``allow_tf32`` flags
+    (older torch has only those). The per-backend matmul setting alone leaves the global one behind,
+    and ``torch.get_float32_matmul_precision()`` then raises ("mix of the legacy and new APIs");
+    inductor's autotuning still reads it, so ``torch.compile`` fails on CUDA (pytorch/pytorch#166387).
+    ``set_float32_matmul_precision("high")`` moves both; the CPU (oneDNN) matmuls it also switches to
+    TF32 are put back as they were.
+    """
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    cpu_matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if conv is not None and cpu_matmul is not None and hasattr(matmul, "fp32_precision"):
+        cpu = cpu_matmul.fp32_precision
+        torch.set_float32_matmul_precision("high")
+        cpu_matmul.fp32_precision = cpu
+        matmul.fp32_precision = "tf32"
+        conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 def keep_large_allocations() -> None:
@@ -150,6 +172,18 @@ def build_optimizer(model: nn.Module, recipe: Recipe, runtime: Runtime) -> torch
             **extra,
         )
     return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **extra)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the kernel choice (``fused``, ``foreach``) this
+    runtime made: a plain load restores the saved groups' flags, so a CPU checkpoint resumed on a GPU
+    would run unfused and a GPU one resumed on a CPU fused. The states are cast for the kept choice
+    (fused kernels keep ``step`` on the parameters' device)."""
+    groups = [
+        {**saved, **{k: mine[k] for k in ("fused", "foreach") if k in mine}}
+        for saved, mine in zip(state["param_groups"], optimizer.param_groups, strict=False)
+    ]  # (a count that differs is load_state_dict's error to report)
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 class EMA(nn.Module):
@@ -205,11 +239,22 @@ class EpochStats:
         return self.samples / max(self.seconds, 1e-9)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def optimizer_step(loss: torch.Tensor, model, optimizer, ema, step: int, what: str = "training loss") -> None:
     """One update from ``loss``: a non-finite loss stops training with the step it happened at; else
-    zero_grad, backward, step, and the EMA (when there is one) follows the model."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite {what} at step {step}; lower the learning rate")
+    zero_grad, backward, step, and the EMA (when there is one) follows the model.
+
+    Under DDP the ranks agree first (one all-reduce of the flag): a rank that stopped alone would
+    leave the others waiting in backward for its gradients, for ever."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.int32)
+    if _distributed():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bool(bad):
+        where = " on another rank" if torch.isfinite(loss) else ""
+        raise FloatingPointError(f"non-finite {what}{where} at step {step}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -252,13 +297,30 @@ def train_one_epoch(
         totals += torch.tensor([loss.item() * n, correct.item(), n], dtype=torch.float64)
         rate = totals[2].item() / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.3f}", samples_s=f"{rate:.1f}")
-    if runtime.world_size > 1:
-        dist.all_reduce(totals)  # gloo/nccl both reduce float64 on CPU/GPU copies
-    loss_sum, correct, count = totals.tolist()
+    loss_sum, correct, count = sum_over_ranks(totals, runtime).tolist()
     stats = EpochStats(
         loss_sum / max(count, 1), correct / max(count, 1), int(count), time.perf_counter() - start
     )
     return stats, step
+
+
+def sum_over_ranks(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Element-wise sum of ``values`` over the ranks (``values`` itself in one process), on the
+    runtime's device: the collective runs on a device copy, since NCCL has no CPU tensors."""
+    if runtime.world_size == 1:
+        return values
+    on_device = values.to(runtime.device)
+    dist.all_reduce(on_device)
+    return on_device
+
+
+def gather_from_ranks(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in one process); every rank must call it."""
+    if not _distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def average_clips(scores: torch.Tensor, clips: int) -> torch.Tensor:
@@ -326,7 +388,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))  # noqa: NPY002
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # saved where more GPUs were visible: restore those this process has
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def resumable_state(model, ema, optimizer, *, fingerprint: str, epoch: int, step: int, history: list) -> dict:

@@ -67,6 +67,24 @@ def test_named_parameters_become_dotted_keys():
         merge({"train.streams": ["bone"]}, {"train.streams": ["joint"]})
 
 
+def test_epochs_go_to_the_recipe_the_overrides_choose(tmp_path, monkeypatch):
+    """``-S train.recipe=ctrgcn --epochs 2`` set the epochs of params.yaml's recipe (adamw), not of the
+    recipe the run then trained with."""
+    import logging
+
+    from pipelines import flow
+
+    assert PARAMS["train"]["recipe"] != "ctrgcn"
+    chosen = named_overrides(PARAMS, epochs=2, set_params={"train.recipe": "ctrgcn"})
+    assert chosen == {"train.recipes.ctrgcn.epochs": 2}
+    written = {}  # what the flow's set-params task hands to DVC's override code
+    monkeypatch.setattr(flow, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(flow.dvc_commands, "set_params", lambda path, applied: written.update(applied))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    flow.apply_params.fn(tmp_path, {"train.recipe": "ctrgcn"}, {"epochs": 2})
+    assert written == {"train.recipe": "ctrgcn", "train.recipes.ctrgcn.epochs": 2}
+
+
 def test_overrides_reach_params_yaml_as_dvc_writes_them(tmp_path):
     params_file = tmp_path / "params.yaml"
     params_file.write_text((ROOT / "params.yaml").read_text())

@@ -180,15 +180,132 @@ def test_an_improving_epoch_writes_best_before_last(tiny_features, tmp_path, mon
     assert best["epoch"] == json.loads((tmp_path / "rep" / "metrics.json").read_text())["best_epoch"]
 
 
-def test_resume_refuses_a_checkpoint_of_other_params(tiny_features, tmp_path):
+def test_resume_refuses_a_checkpoint_of_other_params(tiny_features, tmp_path, monkeypatch):
+    """The refusal names the keys that differ (the checkpoint stores its resolved config; one from
+    before that still resumes, and is refused without the list)."""
+    params = load_params(params_doc(epochs=2))
+    kw = dict(
+        stream="joint", features_dir=tiny_features, out_dir=tmp_path / "ck", reports_dir=tmp_path / "rep"
+    )
+    save = training.save_checkpoint
+
+    def killed_after_epoch_1(path, payload):
+        save(path, payload)
+        if path.name == "last.pt":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(training, "save_checkpoint", killed_after_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            train_gcn.run(params, LOADER, **kw)
+    other = dataclasses.replace(params, seed=99)
+    with pytest.raises(ValueError, match=r"other parameters \(train\.seed: 3 there, 99 now\); delete it"):
+        train_gcn.run(other, LOADER, resume=True, **kw)
+    last = tmp_path / "ck" / "last.pt"
+    old = training.load_checkpoint(last)
+    del old["resolved"]  # as written before the resolved config was stored
+    training.save_checkpoint(last, old)
+    with pytest.raises(ValueError, match="predates the stored configuration"):
+        train_gcn.run(other, LOADER, resume=True, **kw)
+    train_gcn.run(params, LOADER, resume=True, **kw)  # the old checkpoint of the same run resumes
+    assert training.load_checkpoint(last)["epoch"] == 2
+
+
+def test_reports_are_replaced_whole_or_left_as_they_were(tiny_features, tmp_path, monkeypatch):
+    """metrics.json (a DVC metrics file) and config.yaml were written in place: a run killed while
+    writing them left half a file. They are written beside and renamed, like the checkpoints."""
     params = load_params(params_doc(epochs=1))
     kw = dict(
         stream="joint", features_dir=tiny_features, out_dir=tmp_path / "ck", reports_dir=tmp_path / "rep"
     )
     train_gcn.run(params, LOADER, **kw)
-    other = dataclasses.replace(params, seed=99)
-    with pytest.raises(ValueError, match="other parameters"):
-        train_gcn.run(other, LOADER, resume=True, **kw)
+    write_text = Path.write_text
+    for report in (tmp_path / "rep" / "metrics.json", tmp_path / "ck" / "config.yaml"):
+        before = report.read_bytes()
+
+        def killed_writing(self, text, *args, _name=report.name, **kwargs):
+            if self.name != _name:
+                return write_text(self, text, *args, **kwargs)
+            write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(Path, "write_text", killed_writing)
+            with pytest.raises(KeyboardInterrupt):  # no epoch left: straight to the reports
+                train_gcn.run(params, LOADER, resume=True, **kw)
+        assert report.read_bytes() == before, report.name
+
+
+def cli_args(params_path: Path, features_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--params", str(params_path), "--stream", "joint", "--features-dir", str(features_dir),
+            "--out-dir", str(out / "ck"), "--reports-dir", str(out / "rep"), *extra]  # fmt: skip
+
+
+def test_an_unreadable_checkpoint_is_refused_with_its_path(tiny_features, tmp_path, capsys):
+    """A truncated last.pt (a disk that filled up, a copy cut short) gave a raw traceback that did not
+    name the file; it is refused like a checkpoint of other parameters (exit 2, what to do)."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_doc(epochs=1)))
+    last = tmp_path / "ck" / "last.pt"
+    last.parent.mkdir()
+    for content in (b"abc", b"PK\x03\x04" + bytes(100)):
+        last.write_bytes(content)
+        args = cli_args(tmp_path / "params.yaml", tiny_features, tmp_path, "--resume", "--no-mlflow")
+        assert train_gcn.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{last} cannot be read (" in err and "delete it or run without --resume" in err
+    assert last.read_bytes() == content  # left for the user to look at
+
+
+def test_a_refused_resume_leaves_the_mlflow_run_as_it_was(tiny_features, tmp_path, monkeypatch, capsys):
+    """A --resume refused for other parameters first reopened the checkpoint's MLflow run, then failed
+    in it: the finished run turned FAILED and its git_commit tag was rewritten. The check comes first."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_doc(epochs=1)))
+    args = cli_args(tmp_path / "params.yaml", tiny_features, tmp_path)
+    assert train_gcn.main(args) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (before,) = client.search_runs([client.get_experiment_by_name("ntu120-xsub").experiment_id])
+    client.set_tag(before.info.run_id, "git_commit", "abc123")  # the commit that trained it
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_doc(epochs=1, seed=99)))
+    code = train_gcn.main([*args, "--resume"])
+    after = client.get_run(before.info.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.tags["git_commit"] == "abc123"
+    assert code == 2 and "train.seed: 3 there, 99 now" in capsys.readouterr().err
+
+
+def test_resume_after_the_last_checkpoint_completes_reports_and_logging(tiny_features, tmp_path, monkeypatch):
+    """Killed after the last epoch's last.pt, the resumed run had no epoch left: history.csv lacked the
+    last row and the tracker never got that epoch. Now history.csv is written from the checkpoint and
+    the tracker gets what it lacks, once; the final metric is not logged again by a second resume."""
+    params = load_params(params_doc(epochs=2))
+    kw = dict(
+        stream="joint", features_dir=tiny_features, out_dir=tmp_path / "ck", reports_dir=tmp_path / "rep"
+    )
+    save = training.save_checkpoint
+
+    def killed_after_the_last(path, payload):
+        save(path, payload)
+        if path.name == "last.pt" and payload["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    tracker = NullTracker()  # stands for the MLflow run: it keeps what it was given
+    with monkeypatch.context() as m:
+        m.setattr(training, "save_checkpoint", killed_after_the_last)
+        with pytest.raises(KeyboardInterrupt):
+            train_gcn.run(params, LOADER, tracker=tracker, **kw)
+    assert [step for step, _ in tracker.metrics] == [1]
+    assert len((tmp_path / "rep" / "history.csv").read_text().splitlines()) == 2  # header, epoch 1
+    metrics = train_gcn.run(params, LOADER, resume=True, tracker=tracker, **kw)
+    history = (tmp_path / "rep" / "history.csv").read_text().splitlines()
+    assert len(history) == 3 and history[2].startswith("2,")
+    assert [step for step, _ in tracker.metrics] == [1, 2, None]  # epoch 2 once, then the final one
+    saved = training.load_checkpoint(tmp_path / "ck" / "last.pt")["history"]
+    assert tracker.metrics[1][1]["train_loss"] == saved[1]["train_loss"]
+    assert train_gcn.run(params, LOADER, resume=True, tracker=tracker, **kw) == metrics
+    assert [step for step, _ in tracker.metrics] == [1, 2, None]  # nothing logged twice
 
 
 def test_bad_params_fail_with_a_message(tmp_path, capsys):
@@ -280,6 +397,27 @@ def test_a_resumed_run_goes_on_logging_into_its_mlflow_run(tiny_features, tmp_pa
     assert training.load_checkpoint(tmp_path / "ck" / "last.pt")["mlflow_run_id"] == run.info.run_id
 
 
+def test_resuming_into_a_deleted_mlflow_run_starts_a_new_one(tmp_path, monkeypatch):
+    """``start_run`` refuses a deleted run (in the UI's trash), and the resumed stage went on with no
+    tracking at all. A deleted run is treated like a missing one."""
+    import mlflow
+
+    from stages import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with tracking.mlflow_run("ntu120_xsub", "train_gcn@joint", "train_gcn@joint") as first:
+        first.log_metrics({"train_loss": 1.0}, step=1)
+    client = mlflow.MlflowClient(uri)
+    client.delete_run(first.run_id)
+    with tracking.mlflow_run("ntu120_xsub", "train_gcn@joint", "train_gcn@joint", first.run_id) as tracker:
+        assert isinstance(tracker, tracking.MlflowTracker) and tracker.run_id not in (None, first.run_id)
+        assert tracker.metric_steps("train_loss") == set()  # a fresh run: the epochs go in again
+        tracker.log_metrics({"train_loss": 0.5}, step=1)
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert client.get_run(first.run_id).info.lifecycle_stage == "deleted"
+
+
 def test_an_mlflow_store_that_cannot_be_opened_does_not_stop_a_stage(tmp_path, monkeypatch, capsys):
     """The module promises it; a store unreachable at the start raised out of the stage (rc 1 with a
     traceback, the orchestration audit). Only the package stage, whose job is the registry, fails."""
@@ -319,7 +457,7 @@ def test_mlflow_tracker_renames_what_mlflow_refuses(tmp_path, monkeypatch):
     assert mlflow_name("a@b#c") == "a_b_c"
 
 
-def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path):
+def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path, monkeypatch):
     doc = params_doc(epochs=3)
     params = load_params(doc)
     for stream in ("joint", "bone"):
@@ -357,6 +495,22 @@ def test_evaluate_reports_streams_fusion_and_confusions(tiny_features, tmp_path)
     assert (out / "confusion.png").stat().st_size > 1000
     model_file = torch.load(out / "model.pt", weights_only=True)
     assert model_file["streams"] == ["joint", "bone"] and model_file["weights"] == {"joint": 0.6, "bone": 0.6}
+
+    # Killed while writing model.pt (export's input), a rerun left half of it; it is replaced whole now
+    whole = (out / "model.pt").read_bytes()
+
+    def dies_half_way(obj, f):
+        Path(f).write_bytes(whole[: len(whole) // 2])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate.run(
+                dataclasses.replace(eparams, multi_clips=0), params, LOADER,
+                features_dir=tiny_features, checkpoints_dir=tmp_path / "ck", out_dir=out,
+            )  # fmt: skip
+    assert (out / "model.pt").read_bytes() == whole
 
     # The learned fusions fit on the streams' outputs (they crashed on inference tensors before)
     for fusion in ("concat", "attention"):
@@ -491,6 +645,56 @@ def test_confusion_summaries_on_known_predictions():
     ]
 
 
+def test_ranks_must_resume_from_the_same_checkpoint():
+    """With node-local disks each rank read its own last.pt (or none) and resumed silently from its
+    own epoch. The ranks compare what they found and all stop, with each rank's view."""
+    path = Path("ck/last.pt")
+    ckpt = (3, 96, "f00d")
+    views = [{"host": f"node{r}", "problem": None, "checkpoint": ckpt} for r in range(2)]
+    assert train_gcn.resume_disagreement(path, views) is None
+    views[1]["checkpoint"] = None  # rank 1's node has no last.pt
+    message = train_gcn.resume_disagreement(path, views)
+    assert "rank 0 (node0) epoch 3, rank 1 (node1) no checkpoint" in message
+    assert "a filesystem every node shares" in message
+    views[1]["checkpoint"] = (2, 64, "f00d")  # an older copy
+    assert "rank 1 (node1) epoch 2" in train_gcn.resume_disagreement(path, views)
+    views[1]["problem"] = "ck/last.pt cannot be read (EOFError: ); delete it or run without --resume"
+    assert train_gcn.resume_disagreement(path, views).startswith("rank 1 (node1): ck/last.pt cannot be read")
+    assert train_gcn.resume_disagreement(path, views[1:]) == views[1]["problem"]  # one process: as is
+
+
+def test_batch_size_is_the_global_batch_under_ddp(tiny_features):
+    """torchrun with N processes trained with N x batch_size per step (batch_size was per rank, the
+    learning rate unscaled). batch_size is the global batch now; each rank takes its share."""
+    params = load_params(params_doc())  # batch_size 4
+
+    def rank_batch(world_size: int, rank: int = 0) -> int:
+        rt = training.Runtime(torch.device("cpu"), None, False, rank=rank, world_size=world_size)
+        _, train_loader, _ = train_gcn._loaders(tiny_features, "joint", params, LOADER, rt)
+        return train_loader.batch_sampler.batch_size
+
+    assert rank_batch(1) == 4 and rank_batch(2) == rank_batch(2, rank=1) == 2 and rank_batch(4) == 1
+    with pytest.raises(ParamsError, match=r"batch_size 4 is the global batch.*use a multiple of 3"):
+        rank_batch(3)
+
+
+def test_loaders_pin_memory_only_for_cuda_runs(tiny_features, monkeypatch):
+    """A device=cpu run on a machine with a GPU pinned every batch (page-locked host memory for copies
+    that never happen); pinning follows the training device, as in train_pose."""
+    from stages.dataset import make_loader
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    params = load_params(params_doc())
+    ds = SkeletonDataset(
+        tiny_features, stream="joint", benchmark="ntu120_xsub", split="test", params=LOADER, train=False
+    )
+    assert not make_loader(ds, 4, shuffle=False, num_workers=0).pin_memory
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        rt = training.Runtime(torch.device(device), None, False)
+        loaders = train_gcn._loaders(tiny_features, "joint", params, LOADER, rt)[1:]
+        assert [loader.pin_memory for loader in loaders] == [pinned, pinned]
+
+
 @pytest.mark.slow
 def test_ddp_with_two_gloo_processes(tiny_features, tmp_path):
     doc = params_doc(epochs=2)
@@ -521,12 +725,19 @@ def test_ddp_with_two_gloo_processes(tiny_features, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "x2" in done.stdout  # the banner names the world size
     ckpt = training.load_checkpoint(tmp_path / "ck" / "last.pt")
+    assert ckpt["resolved"]["batch_per_rank"] == 2  # in the fingerprint: per-rank-batch checkpoints differ
     train_samples = len(
         SkeletonDataset(
             tiny_features, stream="joint", benchmark="ntu120_xsub", split="train", params=LOADER, train=True
         )
     )
     per_epoch = ckpt["history"][0]
-    # each of the 2 ranks takes whole batches of 4 from its half; the epoch statistics cover both ranks
+    # batch_size 4 is the global batch: each of the 2 ranks takes whole batches of 2 from its half;
+    # the epoch statistics cover both ranks
+    assert "x2 (2 per batch each)" in done.stdout
     assert per_epoch["train_top1"] is not None and ckpt["epoch"] == 2
-    assert per_epoch["samples"] == (train_samples // 2) // 4 * 4 * 2
+    assert per_epoch["samples"] == (train_samples // 2) // 2 * 2 * 2
+    # each rank's RNG states (its own dropout stream; rank 0's is the single-process one)
+    ranks = ckpt["rank_rng"]
+    assert len(ranks) == 2 and torch.equal(ranks[0]["torch"], ckpt["rng"]["torch"])
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])

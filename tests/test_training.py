@@ -6,6 +6,8 @@ import functools
 import itertools
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ import torch
 
 from stages import training
 from stages.training import EMA, Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe(**kw) -> Recipe:
@@ -117,3 +121,129 @@ def test_average_clips_averages_probabilities_per_sample():
     assert torch.allclose(out.exp(), torch.stack([(p[0] + p[1]) / 2, (p[2] + p[3]) / 2]))
     stacked = training.average_clips(torch.stack([logits, logits]), 2)  # leading stream dim kept
     assert stacked.shape == (2, 2, 2) and torch.allclose(stacked[1], out)
+
+
+def test_epoch_totals_are_reduced_on_the_runtime_device(monkeypatch):
+    """NCCL has no CPU tensors: the epoch's totals, kept on the CPU, were all-reduced as they were, and
+    every multi-GPU run died at the end of epoch 1 (a training audit). They go to the device first."""
+    seen = []
+
+    def nccl_like(tensor, op=None):  # refuses CPU tensors, as a NCCL process group does
+        if tensor.device.type == "cpu":
+            raise RuntimeError("No backend type associated with device type cpu")
+        seen.append(tensor.device)
+
+    monkeypatch.setattr(training.dist, "all_reduce", nccl_like)
+    totals = torch.tensor([3.0, 2.0, 4.0], dtype=torch.float64)
+    gpu_like = training.Runtime(torch.device("meta"), None, False, rank=0, world_size=2)
+    assert training.sum_over_ranks(totals, gpu_like).device.type == "meta" and seen == [torch.device("meta")]
+    single = training.Runtime(torch.device("cpu"), None, False)
+    assert training.sum_over_ranks(totals, single) is totals  # one process: no collective at all
+
+
+def fake_world_of_two(monkeypatch, others_flag: int) -> None:
+    """A 2-process group seen from rank 0: the other rank's non-finite flag is ``others_flag``."""
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(training.dist, "get_world_size", lambda: 2)
+
+    def all_reduce(tensor, op=None):
+        assert op == training.dist.ReduceOp.MAX
+        tensor.fill_(max(int(tensor), others_flag))
+
+    monkeypatch.setattr(training.dist, "all_reduce", all_reduce)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(monkeypatch):
+    """A NaN on one rank raised there while the other ranks entered backward and waited for its
+    gradients for ever (DDP hang). The ranks all-reduce the flag and all stop, before backward."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    fake_world_of_two(monkeypatch, others_flag=1)
+    loss = model(torch.ones(1, 2)).sum()  # finite here
+    with pytest.raises(FloatingPointError, match="non-finite training loss on another rank at step 7"):
+        training.optimizer_step(loss, model, optimizer, None, 7)
+    assert torch.equal(model.weight, before) and model.weight.grad is None  # no backward, no step
+    fake_world_of_two(monkeypatch, others_flag=0)
+    with pytest.raises(FloatingPointError, match="non-finite training loss at step 8"):
+        training.optimizer_step(loss * float("nan"), model, optimizer, None, 8)
+    training.optimizer_step(model(torch.ones(1, 2)).sum(), model, optimizer, None, 9)
+    assert not torch.equal(model.weight, before)  # every rank finite: the step happens
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_a_resumed_optimizer_keeps_this_runtimes_kernels(cls):
+    """``load_state_dict`` restored the saved groups' ``fused`` flag: a GPU checkpoint (fused) resumed
+    on a CPU ran fused there, a CPU one resumed on a GPU ran unfused."""
+    param = torch.nn.Parameter(torch.ones(3))
+    extra = {"momentum": 0.9} if cls is torch.optim.SGD else {}
+    fused = cls([param], lr=0.1, fused=True, **extra)
+    param.grad = torch.ones(3)
+    fused.step()
+    plain = cls([param], lr=0.1, **extra)  # what build_optimizer makes on a CPU
+    training.load_optimizer_state(plain, fused.state_dict())
+    assert not plain.param_groups[0]["fused"] and plain.param_groups[0]["foreach"] is None
+    key = "momentum_buffer" if extra else "exp_avg"
+    assert torch.equal(plain.state[param][key], fused.state[param][key])  # the state itself is loaded
+    again = cls([param], lr=0.1, fused=True, **extra)  # and the other way round
+    training.load_optimizer_state(again, plain.state_dict())
+    assert again.param_groups[0]["fused"] is True
+
+
+def test_cuda_rng_states_restore_on_fewer_gpus(monkeypatch):
+    """A checkpoint saved with 2 visible GPUs, resumed with 1: ``set_rng_state_all`` indexed past the
+    devices (IndexError). Only the states of the visible devices are restored."""
+    gpus = [torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)]
+    state = {**training.rng_state(), "cuda": gpus}  # as saved where 2 GPUs were visible
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    training.set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], gpus[0])
+
+
+def test_cuda_speedups_use_the_per_backend_tf32_api_when_there_is_one(monkeypatch):
+    """torch >= 2.9 deprecates ``allow_tf32`` for ``fp32_precision``; older torch has only the flags."""
+    import types
+
+    new_matmul = types.SimpleNamespace(fp32_precision="ieee")
+    new_conv = types.SimpleNamespace(fp32_precision="ieee")
+    cpu_matmul = types.SimpleNamespace(fp32_precision="none")
+    global_calls = []
+
+    def set_global(precision):  # as torch does: the CPU matmuls follow the global setting too
+        global_calls.append(precision)
+        cpu_matmul.fp32_precision = "tf32"
+
+    monkeypatch.setattr(torch.backends.cuda, "matmul", new_matmul)
+    monkeypatch.setattr(torch.backends.cudnn, "conv", new_conv, raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", cpu_matmul, raising=False)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", set_global)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    training.enable_cuda_speedups()
+    assert new_matmul.fp32_precision == new_conv.fp32_precision == "tf32" and torch.backends.cudnn.benchmark
+    assert global_calls == ["high"] and cpu_matmul.fp32_precision == "none"  # the CPU left as it was
+    assert not hasattr(new_matmul, "allow_tf32")  # the deprecated flags are left alone
+    old_matmul = types.SimpleNamespace(allow_tf32=False)  # torch < 2.9
+    monkeypatch.setattr(torch.backends.cuda, "matmul", old_matmul)
+    monkeypatch.delattr(torch.backends.cudnn, "conv")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    training.enable_cuda_speedups()
+    assert old_matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_cuda_speedups_leave_the_global_matmul_precision_readable():
+    """``cuda.matmul.fp32_precision = "tf32"`` alone makes ``torch.get_float32_matmul_precision()``
+    raise, which inductor's autotuning reads: torch.compile then fails on CUDA. Checked on this torch's
+    real settings, in a process of its own (they are process-wide)."""
+    script = (
+        "import torch\n"
+        "from stages import training\n"
+        "training.enable_cuda_speedups()\n"
+        "print(torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,"
+        " torch.backends.cudnn.allow_tf32, torch.backends.mkldnn.matmul.fp32_precision)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["high", "True", "True", "none"]
