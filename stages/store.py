@@ -100,6 +100,16 @@ def open_store(path: Path, required: tuple[str, ...]) -> zarr.Group:
     return group
 
 
+def _empty_sibling(final: Path) -> Path:
+    """A new empty directory ``.<name>.tmp-<pid>`` beside ``final`` (a stale one from a killed run of
+    this pid removed first)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``final``; on success replace ``final`` with it.
@@ -108,10 +118,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     temporary directory, so a half-written output never looks complete.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _empty_sibling(final)
     try:
         yield tmp
     except BaseException:
@@ -134,10 +141,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     file; matplotlib picks the format from the suffix).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
+    tmp_dir = _empty_sibling(final)
     try:
         yield tmp_dir / final.name
         os.replace(tmp_dir / final.name, final)

@@ -158,6 +158,26 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_features, tmp_path):
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
+def _stage_dirs(features_dir: Path, tmp_path: Path) -> dict:
+    """train_gcn.run's keywords for the joint stream, its outputs under ``tmp_path``."""
+    return dict(
+        stream="joint", features_dir=features_dir, out_dir=tmp_path / "ck", reports_dir=tmp_path / "rep"
+    )
+
+
+def _killed_after(when):
+    """``training.save_checkpoint`` that is killed (KeyboardInterrupt) right after writing a
+    checkpoint ``when(path, payload)`` picks."""
+    save = training.save_checkpoint
+
+    def saving(path, payload):
+        save(path, payload)
+        if when(path, payload):
+            raise KeyboardInterrupt
+
+    return saving
+
+
 def test_an_improving_epoch_writes_best_before_last(tiny_features, tmp_path, monkeypatch):
     """Killed between its two writes, an epoch that improved left a last.pt naming a best epoch that
     best.pt did not hold, and the resumed run never wrote it (a training audit). best.pt goes first
@@ -168,9 +188,7 @@ def test_an_improving_epoch_writes_best_before_last(tiny_features, tmp_path, mon
         "save_checkpoint",
         lambda path, payload: (saved.append((path.name, payload["epoch"])), save(path, payload)),
     )
-    kw = dict(
-        stream="joint", features_dir=tiny_features, out_dir=tmp_path / "ck", reports_dir=tmp_path / "rep"
-    )
+    kw = _stage_dirs(tiny_features, tmp_path)
     train_gcn.run(load_params(params_doc(epochs=2)), LOADER, **kw)
     improved = [epoch for name, epoch in saved if name == "best.pt"]
     assert improved and improved[0] == 1  # the first tested epoch is the best so far
@@ -184,18 +202,9 @@ def test_resume_refuses_a_checkpoint_of_other_params(tiny_features, tmp_path, mo
     """The refusal names the keys that differ (the checkpoint stores its resolved config; one from
     before that still resumes, and is refused without the list)."""
     params = load_params(params_doc(epochs=2))
-    kw = dict(
-        stream="joint", features_dir=tiny_features, out_dir=tmp_path / "ck", reports_dir=tmp_path / "rep"
-    )
-    save = training.save_checkpoint
-
-    def killed_after_epoch_1(path, payload):
-        save(path, payload)
-        if path.name == "last.pt":
-            raise KeyboardInterrupt
-
+    kw = _stage_dirs(tiny_features, tmp_path)
     with monkeypatch.context() as m:
-        m.setattr(training, "save_checkpoint", killed_after_epoch_1)
+        m.setattr(training, "save_checkpoint", _killed_after(lambda path, payload: path.name == "last.pt"))
         with pytest.raises(KeyboardInterrupt):
             train_gcn.run(params, LOADER, **kw)
     other = dataclasses.replace(params, seed=99)
@@ -215,9 +224,7 @@ def test_reports_are_replaced_whole_or_left_as_they_were(tiny_features, tmp_path
     """metrics.json (a DVC metrics file) and config.yaml were written in place: a run killed while
     writing them left half a file. They are written beside and renamed, like the checkpoints."""
     params = load_params(params_doc(epochs=1))
-    kw = dict(
-        stream="joint", features_dir=tiny_features, out_dir=tmp_path / "ck", reports_dir=tmp_path / "rep"
-    )
+    kw = _stage_dirs(tiny_features, tmp_path)
     train_gcn.run(params, LOADER, **kw)
     write_text = Path.write_text
     for report in (tmp_path / "rep" / "metrics.json", tmp_path / "ck" / "config.yaml"):
@@ -281,19 +288,11 @@ def test_resume_after_the_last_checkpoint_completes_reports_and_logging(tiny_fea
     last row and the tracker never got that epoch. Now history.csv is written from the checkpoint and
     the tracker gets what it lacks, once; the final metric is not logged again by a second resume."""
     params = load_params(params_doc(epochs=2))
-    kw = dict(
-        stream="joint", features_dir=tiny_features, out_dir=tmp_path / "ck", reports_dir=tmp_path / "rep"
-    )
-    save = training.save_checkpoint
-
-    def killed_after_the_last(path, payload):
-        save(path, payload)
-        if path.name == "last.pt" and payload["epoch"] == 2:
-            raise KeyboardInterrupt
-
+    kw = _stage_dirs(tiny_features, tmp_path)
     tracker = NullTracker()  # stands for the MLflow run: it keeps what it was given
+    last_of_2 = _killed_after(lambda path, payload: path.name == "last.pt" and payload["epoch"] == 2)
     with monkeypatch.context() as m:
-        m.setattr(training, "save_checkpoint", killed_after_the_last)
+        m.setattr(training, "save_checkpoint", last_of_2)
         with pytest.raises(KeyboardInterrupt):
             train_gcn.run(params, LOADER, tracker=tracker, **kw)
     assert [step for step, _ in tracker.metrics] == [1]
