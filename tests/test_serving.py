@@ -1647,3 +1647,23 @@ def test_head_is_answered_wherever_get_is(client, secured):
         assert head.status_code == get.status_code == 200 and head.content == b"", path
         assert head.headers["content-type"] == get.headers["content-type"]
     assert secured.head("/v1/model").status_code == 401
+
+
+def test_a_json_body_with_more_values_than_the_limits_allow_is_refused_unparsed(client, monkeypatch):
+    """Parsing JSON holds the GIL, so a long body held the event loop (every other request) whichever
+    thread parsed it: 1.5 s for 16 MiB of numbers, refused afterwards as too_long. The values are
+    counted (commas) first: a body with more than the longest clip allowed (2 persons x max_frames)
+    is refused unparsed; that clip itself still passes."""
+    import serving.routes as routes
+
+    parsed = []
+    real = routes.plain_clip
+    monkeypatch.setattr(routes, "plain_clip", lambda body: parsed.append(len(body)) or real(body))
+    longest = {"clip": [_frames(300), _frames(300)]}  # max_frames 300 here, two persons
+    assert client.post("/v1/predict", json=longest).json()["frames"] == 300 and len(parsed) == 1
+    over = {"clip": _frames(601)}  # one value more than the longest clip holds
+    _is_error(client.post("/v1/predict", json=over), 422, "too_long", "holds 45075 values; 1 clip(s)")
+    assert len(parsed) == 1  # not parsed
+    batch = b'{"clips": [[' + b",".join([b"0"] * 180_001) + b"]]}"  # max_batch 4 x 2 x 300 x 75 + 1
+    response = client.post("/v1/predict/batch", content=batch, headers={"Content-Type": "application/json"})
+    _is_error(response, 422, "too_long", "holds 180001 values; 4 clip(s) of at most 300 frames")
