@@ -1158,6 +1158,14 @@ _FORM_FILE = (
 )
 
 
+# a body for each route that reads one: JSON, .npy (serving.fastlane's) and multipart
+BODY_ROUTES = [
+    ("/v1/predict", b"application/json", _JSON_CLIP),
+    ("/v1/predict", b"application/x-npy", _npy(np.full((4, 25, 3), 0.5, np.float32))),
+    ("/v1/predict/file", b"multipart/form-data; boundary=b0", _FORM_FILE),
+]
+
+
 def _http_scope(path: str, content_type: bytes, length: int) -> dict:
     headers = [(b"content-type", content_type), (b"content-length", str(length).encode())]
     return {
@@ -1188,14 +1196,7 @@ async def _asgi_call(app, scope: dict, receive) -> tuple[int, dict]:
     return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
 
 
-@pytest.mark.parametrize(
-    ("path", "content_type", "body"),
-    [
-        ("/v1/predict", b"application/json", _JSON_CLIP),
-        ("/v1/predict", b"application/x-npy", _npy(np.full((4, 25, 3), 0.5, np.float32))),  # the lane
-        ("/v1/predict/file", b"multipart/form-data; boundary=b0", _FORM_FILE),
-    ],
-)
+@pytest.mark.parametrize(("path", "content_type", "body"), BODY_ROUTES)
 def test_a_client_that_hangs_up_mid_body_is_no_server_error(tiny_bundle, path, content_type, body):
     """Starlette raises ``ClientDisconnect`` where the endpoint reads the body: a 400 nobody reads, not
     a 500 with a traceback in the log and the metrics (the video fuzz found it on every aborted upload)."""
@@ -1224,14 +1225,7 @@ def test_a_client_that_hangs_up_mid_body_is_no_server_error(tiny_bundle, path, c
     assert metric_value(text, "ntu_serve_requests_total", route=path, method="POST", status="500") == 0.0
 
 
-@pytest.mark.parametrize(
-    ("path", "content_type", "body"),
-    [
-        ("/v1/predict", b"application/json", _JSON_CLIP),
-        ("/v1/predict", b"application/x-npy", _npy(np.full((4, 25, 3), 0.5, np.float32))),  # the lane
-        ("/v1/predict/file", b"multipart/form-data; boundary=b0", _FORM_FILE),
-    ],
-)
+@pytest.mark.parametrize(("path", "content_type", "body"), BODY_ROUTES)
 def test_a_body_that_stops_arriving_is_answered_408(tiny_bundle, path, content_type, body):
     """uvicorn waits for a body for ever: a client that sends half its body and then nothing held its
     request (and an upload's temporary file) open. body_timeout_s answers it; a slow body that keeps
