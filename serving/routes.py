@@ -379,6 +379,14 @@ def _skeletons(skeleton: video.VideoSkeleton) -> VideoSkeletons:
     )
 
 
+def _video_content(upload: UploadFile) -> bool:
+    """Whether an upload that names no video container (``curl -F file=@clip``: no suffix,
+    ``application/octet-stream``) starts as one (:func:`serving.video_io.sniff_container`)."""
+    head = upload.file.read(16)
+    upload.file.seek(0)
+    return video_io.sniff_container(head) is not None
+
+
 @v1.post("/predict/video", response_model=VideoResponse, openapi_extra=_VIDEO_UPLOAD)
 async def predict_video(request: Request, service: Service_, skeletons: bool = False) -> VideoResponse:
     pose = service.require_pose()  # 503 no_pose_model without the pose export
@@ -397,7 +405,8 @@ async def predict_video(request: Request, service: Service_, skeletons: bool = F
                 "its closing boundary has none)",
             )
         skeletons = skeletons or _flag(form.get("skeletons"))
-        if video_io.upload_suffix(upload.filename, upload.content_type) is None:
+        named = video_io.upload_suffix(upload.filename, upload.content_type) is not None
+        if not named and not _video_content(upload):
             raise ApiError(
                 415,
                 "unsupported_media_type",

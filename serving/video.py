@@ -393,12 +393,15 @@ def skeleton_from_file(
         except VideoError as exc:
             if exc.code != "too_short" or not info.resampled:
                 raise
-            # the count is after resampling: say what the file holds (20 frames at 10^6 fps are 1)
-            raise VideoError(
-                exc.code,
-                f"{exc.message}; counted at {info.analysed_fps:g} fps: the file's {info.declared_frames} "
-                f"frames at {info.fps:g} fps last {info.declared_frames / info.fps:.2f} s",
-            ) from None
+            # the count is after resampling: say what the file holds (20 frames at 10^6 fps are 1);
+            # a container that gives no count (a browser's WebM) holds the frames decoded from it
+            held = (
+                f": the file's {info.declared_frames} frames at {info.fps:g} fps last "
+                f"{info.declared_frames / info.fps:.2f} s"
+                if info.declared_frames > 0
+                else f" from the file's {info.read.decoded} decoded frames"
+            )
+            raise VideoError(exc.code, f"{exc.message}; counted at {info.analysed_fps:g} fps{held}") from None
     return info, skeleton
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import statistics
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -35,16 +37,17 @@ MAX_FRAMES = Settings.model_fields["video_max_frames"].default  # 900: 30 s at 3
 ACTION_FPS = 30.0  # NTU's Kinect rate: the action model's windows and motion are in these frames
 RATE_TOLERANCE = 0.05  # a video within 5% of ACTION_FPS (29.97, NTSC) keeps every frame
 # The containers an upload may be, by the kind sniff_container finds in its first bytes: AVI,
-# ISO media (MP4, and a phone's QuickTime .mov / .m4v), Matroska (a browser's MediaRecorder .webm, .mkv)
+# ISO media (MP4, a phone's QuickTime .mov / .m4v, an Android phone's or MMS 3GPP .3gp / .3g2),
+# Matroska (a browser's MediaRecorder .webm, .mkv)
 CONTAINERS = {
     ".avi": (".avi",),
-    ".mp4": (".mp4", ".mov", ".m4v"),
+    ".mp4": (".mp4", ".mov", ".m4v", ".3gp", ".3g2"),
     ".mkv": (".mkv", ".webm"),
 }
 VIDEO_SUFFIXES = tuple(s for names in CONTAINERS.values() for s in names)
 VIDEO_TYPES = {
     **dict.fromkeys(("video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi"), ".avi"),
-    **dict.fromkeys(("video/mp4", "video/quicktime", "video/x-m4v"), ".mp4"),
+    **dict.fromkeys(("video/mp4", "video/quicktime", "video/x-m4v", "video/3gpp", "video/3gpp2"), ".mp4"),
     **dict.fromkeys(("video/webm", "video/x-matroska"), ".mkv"),
 }
 KINDS = "an AVI, MP4 / MOV or WebM / MKV video"
@@ -57,6 +60,12 @@ MAX_TALL = 4  # height / width: the detector scales every frame to its fixed wid
 
 class VideoError(RejectedInput):
     """A video the pipeline cannot use (unreadable, too short or long, nobody in it)."""
+
+
+def _whole(value: float) -> int:
+    """A capture property that counts (a size, a number of frames) as an int; 0 when it is not a finite
+    number (a backend may give NaN or infinity for what it does not know)."""
+    return int(value) if math.isfinite(value) else 0
 
 
 def check_frame_size(width: int, height: int) -> None:
@@ -154,10 +163,52 @@ def analysis_rate(fps: float, target: float = ACTION_FPS) -> float:
 
 GRID_SNAP_S = 1e-3  # a timestamp within 1 ms of its place on the container's rate grid is on it
 MAX_STRETCH = 4  # a frame may last 4 mean frames (7.5 fps in a 30 fps video); longer: a bad stamp
+RATE_TRUST = 2.0  # the container's rate stands while the frames' own typical interval is within 2x of its
+RECENT_INTERVALS = 15  # ... typical interval: the lower median of the last 15 intervals between stamps
+
+
+class FrameClock:
+    """The frame interval of a video as it is read: the container's ``1 / fps``, unless the frames'
+    own timestamps overrule it: their typical interval (the lower median of the last
+    :data:`RECENT_INTERVALS` increases from one stamp to the next, per frame) more than
+    :data:`RATE_TRUST` times longer or shorter than that. A browser's MediaRecorder WebM has no frame
+    rate nor duration in its header: FFmpeg, and so OpenCV, then give the unit of its timestamps,
+    1000 fps, for frames about 33 ms apart, and by that rate every frame looked like a bad stamp
+    (a 5 s recording became 5 frames)."""
+
+    def __init__(self, fps: float):
+        self.fps = fps
+        self._recent: deque[float] = deque(maxlen=RECENT_INTERVALS)
+        self._previous: tuple[int, float] | None = None  # (index, stamp) of the last finite stamp
+
+    def observe(self, index: int, stamp: float) -> None:
+        """Note frame ``index``'s timestamp (seconds; NaN: none)."""
+        if not math.isfinite(stamp):
+            return
+        if self._previous is not None and stamp > self._previous[1] and index > self._previous[0]:
+            self._recent.append((stamp - self._previous[1]) / (index - self._previous[0]))
+        self._previous = (index, stamp)
+
+    @property
+    def interval(self) -> float | None:
+        """The frames' typical interval (s) where it overrules the container's rate, else None."""
+        if not self._recent:
+            return None
+        typical, nominal = statistics.median_low(self._recent), 1 / self.fps
+        return None if nominal / RATE_TRUST <= typical <= RATE_TRUST * nominal else typical
+
+    def last_duration(self) -> float:
+        """How long the last frame lasts: one frame interval."""
+        interval = self.interval
+        return 1 / self.fps if interval is None else interval
 
 
 def _timed(
-    capture: cv2.VideoCapture, declared: int, count: FrameCount, fps: float
+    capture: cv2.VideoCapture,
+    declared: int,
+    count: FrameCount,
+    fps: float,
+    clock: FrameClock | None = None,
 ) -> Iterator[tuple[float, np.ndarray]]:
     """``(t, frame)`` of each decoded frame, ``t`` in seconds from the video's start: the frame's own
     timestamp (``CAP_PROP_POS_MSEC``; a phone's variable-rate video has frames 1/60 s apart here and
@@ -165,32 +216,44 @@ def _timed(
     :data:`GRID_SNAP_S` of it (some containers give milliseconds). A timestamp that is missing, does
     not increase, or jumps ahead by more than :data:`MAX_STRETCH` frames' worth is taken as the
     grid's step after the last. Damaged frames leave a gap (the one before stays on screen), and
-    damaged frames at the start keep their time: the first good frame is shown from 0."""
+    damaged frames at the start keep their time: the first good frame is shown from 0. Where the
+    frames' own times overrule the container's rate (``clock``, :class:`FrameClock`), a frame's worth
+    is their typical interval (and there is no grid to snap to)."""
+    clock = clock if clock is not None else FrameClock(fps)
     start, last, last_index = None, -math.inf, -1
     for index, frame in read_frames(capture, declared, 1, count):
         ms = capture.get(cv2.CAP_PROP_POS_MSEC)
         stamp = ms / 1000 if math.isfinite(ms) else math.nan
         if start is None:  # the video's start: before any damaged leading frames
             start = (stamp if math.isfinite(stamp) else 0.0) - index / fps
-        grid, step = index / fps, (index - last_index) / fps
-        t = stamp - start
-        if abs(t - grid) < GRID_SNAP_S:
-            t = grid
-        if not last < t <= last + MAX_STRETCH * step:  # NaN included
+        interval = clock.interval  # from the frames before: a bad stamp cannot vouch for itself
+        clock.observe(index, stamp)
+        grid, t = index / fps, stamp - start
+        if interval is None:  # the container's rate
+            step = (index - last_index) / fps
+            longest = MAX_STRETCH * step
+            if abs(t - grid) < GRID_SNAP_S:
+                t = grid
+        else:  # the frames' own rate (never stricter than the container's)
+            step = (index - last_index) * interval
+            longest = MAX_STRETCH * max(step, (index - last_index) / fps)
+        if not last < t <= last + longest:  # NaN included
             t = last + step if last > -math.inf else grid
         last, last_index = t, index
         yield t, frame
 
 
 def resample(
-    timed: Iterable[tuple[float, np.ndarray]], target: float, last_duration: float
+    timed: Iterable[tuple[float, np.ndarray]],
+    target: float,
+    last_duration: float | Callable[[], float],
 ) -> Iterator[np.ndarray]:
     """Frames at times ``t`` (seconds) -> frames at ``target`` per second: output frame ``k`` is the
     frame on screen at ``k / target`` (a frame shows from its time until the next frame's, the last
-    one for ``last_duration``). So a 60 fps video gives every other frame, a 15 fps one each frame
-    twice, a 25 fps one repeats every fifth, a constant-rate video at ``target`` every frame once,
-    and a variable-rate one is resampled by its frames' own times. Repeats are copies (callers may
-    draw on a frame)."""
+    one for ``last_duration``: seconds, or a function called once the frames are read). So a 60 fps
+    video gives every other frame, a 15 fps one each frame twice, a 25 fps one repeats every fifth, a
+    constant-rate video at ``target`` every frame once, and a variable-rate one is resampled by its
+    frames' own times. Repeats are copies (callers may draw on a frame)."""
     k, shown, until = 0, None, 0.0
 
     def show(end: float) -> Iterator[np.ndarray]:
@@ -203,9 +266,9 @@ def resample(
     for t, frame in timed:
         if shown is not None:
             yield from show(t)
-        shown, until = frame, t + last_duration
+        shown, until = frame, t
     if shown is not None:
-        yield from show(until)
+        yield from show(until + (last_duration() if callable(last_duration) else last_duration))
 
 
 def _limited(frames: Iterable[np.ndarray], max_frames: int, fps: float) -> Iterator[np.ndarray]:
@@ -233,13 +296,13 @@ def open_video(
     capture = cv2.VideoCapture(str(path))
     try:
         width, height = (
-            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
-            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            _whole(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            _whole(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
         )
         if not capture.isOpened() or width <= 0 or height <= 0:
             raise VideoError("unreadable_video", f"OpenCV cannot decode {Path(path).name} as a video")
         check_frame_size(width, height)
-        declared = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+        declared = max(_whole(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
         source = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
         source = source if np.isfinite(source) and source > 0 else 0.0
         rate = analysis_rate(source, fps)
@@ -259,7 +322,8 @@ def open_video(
             capture = cv2.VideoCapture(str(path))
         info = VideoInfo(width, height, source, declared, rate)
         if fps > 0 and source > 0:
-            frames = resample(_timed(capture, declared, info.read, source), rate, 1 / source)
+            clock = FrameClock(source)
+            frames = resample(_timed(capture, declared, info.read, source, clock), rate, clock.last_duration)
         else:  # every decoded frame (a damaged one: the one before it again)
             frames = _decoded(capture, declared, info.read)
         yield info, _limited(frames, max_frames, rate)

@@ -25,7 +25,14 @@ from stages import video_frames
 from stages.ntu_files import MUTUAL_ACTIONS
 from stages.pose_data import crop_matrix, square_crop
 from tests.factory import STANDING, moving
-from tests.pose_helpers import damage_frames, pose_export, stick_figure_frames, write_video
+from tests.pose_helpers import (
+    browser_recording,
+    damage_frames,
+    pose_export,
+    rotated_mp4,
+    stick_figure_frames,
+    write_video,
+)
 from tests.serving_helpers import Reference, as_clip, raw_files, serving, settings_for, softmax
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -435,8 +442,9 @@ class _Capture:
 
 
 def _resampled(times_ms: list, fps: float) -> list[int]:
-    timed = video_io._timed(_Capture(times_ms), len(times_ms), video_frames.FrameCount(), fps)
-    return [int(f[0, 0, 0]) for f in video_io.resample(timed, 30.0, 1 / fps)]
+    clock = video_io.FrameClock(fps)  # as open_video reads a video whose container says ``fps``
+    timed = video_io._timed(_Capture(times_ms), len(times_ms), video_frames.FrameCount(), fps, clock)
+    return [int(f[0, 0, 0]) for f in video_io.resample(timed, 30.0, clock.last_duration)]
 
 
 def test_a_variable_rate_video_is_resampled_by_its_frames_times():
@@ -460,6 +468,41 @@ def test_a_variable_rate_video_is_resampled_by_its_frames_times():
     jump = [1000 * i / 30 for i in range(90)]
     jump[10] = 3.6e6
     assert _resampled(jump, 30.0) == list(range(90))
+
+
+def _capture_times(frames: int, seed: int = 0) -> list[int]:
+    """A camera's frame times (ms): 30 fps on average, each interval 33 +- 8 ms."""
+    steps = np.random.default_rng(seed).uniform(1000 / 30 - 8, 1000 / 30 + 8, frames - 1)
+    return np.round(np.concatenate([[0.0], np.cumsum(steps)])).astype(int).tolist()
+
+
+def test_a_container_rate_that_the_frames_times_contradict_gives_way(tmp_path):
+    """A browser's MediaRecorder WebM has no frame rate nor duration in its header: OpenCV says
+    1000 fps (the unit of its timestamps) and no frame count, for frames about 33 ms apart. By that
+    rate each frame looked like a bad stamp and was put 1 ms after the one before: a 2 s recording
+    became 2 frames, and the upload was refused as too short. The frames' own typical interval
+    overrules a container rate it contradicts by more than 2x."""
+    times = _capture_times(60)
+    path = browser_recording(tmp_path / "recording.webm", _numbered_frames(60), times)
+    capture = cv2.VideoCapture(str(path))
+    assert capture.get(cv2.CAP_PROP_FPS) == 1000.0 and capture.get(cv2.CAP_PROP_FRAME_COUNT) <= 0
+    capture.release()
+    with video_io.open_video(path) as (info, frames):
+        numbers = _frame_numbers(frames)
+    assert (info.fps, info.declared_frames, info.analysed_fps, info.read.decoded) == (1000.0, 0, 30.0, 60)
+    # what the same frames at the same times give from a file that says its rate (30 fps), but for the
+    # second frame's time, which no interval before it vouches for (it is put 1 ms after the first),
+    # and the stamps within 1 ms of that rate's grid, which are snapped to it there
+    said = browser_recording(tmp_path / "said.mkv", _numbered_frames(60), times, rate_in_header=True)
+    with video_io.open_video(said) as (info, frames):
+        reference = _frame_numbers(frames)
+    assert info.fps == 30.0 and len(numbers) == len(reference)
+    assert sum(a != b for a, b in zip(numbers, reference, strict=True)) <= 3
+    steady = [1000 * i / 30 for i in range(90)]
+    assert _resampled(steady, 1000.0) == list(range(90))  # was [0, 1, 2]
+    assert _resampled(steady, 1.0) == list(range(90))  # the last frame lasts 1/30 s, not 1 s (30 copies)
+    assert len(numbers) in (59, 60, 61) and numbers == sorted(numbers) and numbers[-1] == 59
+    assert len(set(numbers)) >= 55  # the jitter drops a few frames at 30 fps, no more
 
 
 def test_a_damaged_frame_does_not_end_the_video(tmp_path):
@@ -508,6 +551,50 @@ def test_a_frame_count_that_lies_is_checked_before_a_video_is_refused(tmp_path):
     with pytest.raises(video_io.VideoError, match="the video has 100000 frames") as caught:
         video_io.open_video(path, max_frames=59).__enter__()  # frame 59 is there: refused at once
     assert caught.value.code == "too_long"
+
+
+class _UnsureCapture:
+    """``cv2.VideoCapture`` giving ``props`` (NaN, infinity: what a backend may say it does not know)."""
+
+    def __init__(self, capture, props: dict):
+        self._capture, self._props = capture, props
+
+    def get(self, prop):
+        return self._props.get(prop, self._capture.get(prop))
+
+    def __getattr__(self, name):
+        return getattr(self._capture, name)
+
+
+@pytest.mark.parametrize("unknown", [float("nan"), float("inf")])
+def test_a_frame_count_or_size_that_is_not_a_number_is_unknown(tmp_path, monkeypatch, unknown):
+    """A frame count of NaN or infinity was int()-ed: a ValueError / OverflowError, a 500 at the
+    endpoint. The count is then unknown (the frames are counted as decoded) and such a frame size
+    is an unreadable video (422)."""
+    path = write_video(tmp_path / "clip.avi", _numbered_frames(20))
+    opened = cv2.VideoCapture
+    props = {cv2.CAP_PROP_FRAME_COUNT: unknown}
+    monkeypatch.setattr(video_io.cv2, "VideoCapture", lambda p: _UnsureCapture(opened(p), props))
+    with video_io.open_video(path) as (info, frames):
+        assert _frame_numbers(frames) == list(range(20)) and info.declared_frames == 0
+    props[cv2.CAP_PROP_FRAME_WIDTH] = unknown
+    with pytest.raises(video_io.VideoError, match="cannot decode") as caught:
+        video_io.open_video(path).__enter__()
+    assert caught.value.code == "unreadable_video"
+
+
+@pytest.mark.parametrize("degrees", [90, 270])
+def test_a_phone_portrait_video_is_read_upright(tmp_path, degrees):
+    """A phone stores a portrait video as landscape frames and a rotation in the track header:
+    OpenCV turns the frames, and the size is the turned one (the pose model needs people upright)."""
+    frame = np.zeros((48, 64, 3), np.uint8)
+    frame[:8, :16] = 255  # top left
+    path = rotated_mp4(tmp_path / "portrait.mp4", [frame] * 20, degrees)
+    with video_io.open_video(path) as (info, frames):
+        got = list(frames)
+    assert (info.width, info.height) == (48, 64) and len(got) == 20 and got[0].shape == (64, 48, 3)
+    y, x = np.argwhere(got[0][..., 0] > 128).mean(0)
+    assert (y < 16 and x > 32) if degrees == 90 else (y > 48 and x < 16)  # clockwise: top right
 
 
 def test_uploads_are_recognised_by_name_type_and_content(clip_path):
@@ -708,6 +795,12 @@ def test_video_endpoint_refuses_bad_uploads(client, tmp_path):
     _is_error(
         post(files={"file": ("notes.txt", b"hello", "text/plain")}), 415, "unsupported_media_type", ".mp4"
     )
+    _is_error(  # neither named nor typed as a video, nor starting as one
+        post(files={"file": ("clip", b"hello", "application/octet-stream")}),
+        415,
+        "unsupported_media_type",
+        "'clip', application/octet-stream",
+    )
     _is_error(post(files={"other": ("x.avi", b"1")}), 422, "missing_file", "'file'")
     _is_error(post(json={"file": "x"}), 415, "unsupported_media_type", "multipart")
     short = write_video(tmp_path / "short.avi", stick_figure_frames(10)).read_bytes()
@@ -717,11 +810,13 @@ def test_video_endpoint_refuses_bad_uploads(client, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "media"), [("IMG_0001.MOV", "video/quicktime"), ("recording.webm", "video/webm")]
+    ("name", "media"),
+    [("IMG_0001.MOV", "video/quicktime"), ("recording.webm", "video/webm"), ("VID_0001.3gp", "video/3gpp")],
 )
 def test_video_endpoint_takes_phone_and_browser_recordings(client, tmp_path, name, media):
-    """An iPhone's QuickTime .mov and a browser MediaRecorder's WebM (VP8) were refused with 415;
-    OpenCV decodes both. Their content decides how they are read, whatever their name."""
+    """An iPhone's QuickTime .mov and a browser MediaRecorder's WebM (VP8) were refused with 415, and
+    so was an Android phone's 3GPP .3gp (ISO media, as MP4); OpenCV decodes them all. Their content
+    decides how they are read, whatever their name."""
     path = write_video(
         tmp_path / Path(name).with_suffix(Path(name).suffix.lower()).name, stick_figure_frames(40)
     )
@@ -730,6 +825,39 @@ def test_video_endpoint_takes_phone_and_browser_recordings(client, tmp_path, nam
     body = response.json()
     assert (body["frames"], body["decoded_frames"], body["width"], body["height"]) == (40, 40, 320, 180)
     assert body["frames_with_people"] == 40 and len(body["windows"]) == 1
+
+
+def test_video_endpoint_takes_a_video_by_its_content_when_nothing_names_it(client, tmp_path):
+    """``curl -F file=@clip`` sends a file without a suffix as application/octet-stream: it was
+    refused with 415 although it is an AVI; its first bytes say what it is."""
+    path = write_video(tmp_path / "clip.avi", stick_figure_frames(40))
+    response = client.post(
+        "/v1/predict/video", files={"file": ("clip", path.read_bytes(), "application/octet-stream")}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["decoded_frames"] == 40
+
+
+def test_video_endpoint_takes_a_browser_recording_without_a_frame_rate(client, tmp_path):
+    """A browser's MediaRecorder WebM (no rate nor duration in its header: OpenCV says 1000 fps)
+    was analysed as 1-2 frames and refused as too short; its frames' own times give its length. One
+    that is truly too short says how many frames it held (it said "0 frames ... last 0.00 s")."""
+    path = browser_recording(tmp_path / "recording.webm", stick_figure_frames(40), _capture_times(40))
+    response = client.post("/v1/predict/video", files={"file": ("blob", path.read_bytes(), "video/webm")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["fps"], body["analysed_fps"], body["declared_frames"], body["decoded_frames"]) == (
+        1000.0, 30.0, 0, 40,
+    )  # fmt: skip
+    assert body["frames"] in (39, 40, 41) and body["frames_with_people"] == body["frames"]
+    short = browser_recording(tmp_path / "short.webm", stick_figure_frames(8), _capture_times(8))
+    _is_error(
+        client.post("/v1/predict/video", files={"file": ("short.webm", short.read_bytes())}),
+        422,
+        "too_short",
+        "the video has 8 frames; at least 16 are needed (0.5 s at 30 fps); counted at 30 fps from the "
+        "file's 8 decoded frames",
+    )
 
 
 def test_video_endpoint_size_limit(tiny_bundle, exported, clip_path):
