@@ -534,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"train_gcn: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return training.interrupted(f"train_gcn@{args.stream}", args.out_dir)
     return 0
 
 

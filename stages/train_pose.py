@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"train_pose: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return training.interrupted("train_pose", args.out_dir)
     return 0
 
 

@@ -416,6 +416,18 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def interrupted(stage: str, out_dir: Path) -> int:
+    """What a training stage says when Ctrl-C (or ``dvc repro``'s) stops it, instead of a traceback:
+    where it can go on from. Returns 130, the shell's status for SIGINT."""
+    last = Path(out_dir) / "last.pt"
+    if last.exists():
+        how = f"{last} holds the last finished epoch: the same command with --resume goes on from it"
+    else:
+        how = f"no epoch finished (no {last})"
+    print(f"{stage}: interrupted; {how}", file=sys.stderr)
+    return 130
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code runs)."""
     return torch.load(path, map_location=map_location, weights_only=True)

@@ -178,6 +178,37 @@ def _killed_after(when):
     return saving
 
 
+def test_ctrl_c_says_where_to_go_on_from_instead_of_a_traceback(tiny_features, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or dvc repro's) printed a KeyboardInterrupt traceback. The stage now exits 130 naming
+    the checkpoint a --resume goes on from, or saying no epoch finished."""
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params_doc(epochs=2)))
+    kw = _stage_dirs(tiny_features, tmp_path)
+    argv = ["--params", str(params_path), "--stream", "joint", "--features-dir", str(tiny_features),
+            "--out-dir", str(kw["out_dir"]), "--reports-dir", str(kw["reports_dir"]),
+            "--no-mlflow"]  # fmt: skip
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train_gcn, "prepare", stop)
+        assert train_gcn.main(argv) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"train_gcn@joint: interrupted; no epoch finished (no {kw['out_dir'] / 'last.pt'})"
+    )
+    with monkeypatch.context() as m:
+        m.setattr(training, "save_checkpoint", _killed_after(lambda path, p: path.name == "last.pt"))
+        assert train_gcn.main(argv) == 130
+    last = kw["out_dir"] / "last.pt"
+    said = capsys.readouterr().err.strip()
+    assert said.endswith(
+        f"train_gcn@joint: interrupted; {last} holds the last finished epoch: the same command with "
+        "--resume goes on from it"
+    )
+    assert train_gcn.main([*argv, "--resume"]) == 0 and training.load_checkpoint(last)["epoch"] == 2
+
+
 def test_an_improving_epoch_writes_best_before_last(tiny_features, tmp_path, monkeypatch):
     """Killed between its two writes, an epoch that improved left a last.pt naming a best epoch that
     best.pt did not hold, and the resumed run never wrote it (a training audit). best.pt goes first
@@ -385,8 +416,7 @@ def test_a_resumed_run_goes_on_logging_into_its_mlflow_run(tiny_features, tmp_pa
 
     with monkeypatch.context() as m:
         m.setattr(tracking.MlflowTracker, "log_metrics", killed_after_epoch_1)
-        with pytest.raises(KeyboardInterrupt):
-            train_gcn.main(args)
+        assert train_gcn.main(args) == 130  # stopped, as Ctrl-C stops it
     assert train_gcn.main([*args, "--resume"]) == 0
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
