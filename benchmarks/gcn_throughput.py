@@ -126,6 +126,23 @@ def measure(variant: str, size: str, threads: int, steps: int, batch: int, frame
     return {"train_samples_per_s": train_rate, "latency_ms": 1000 * statistics.median(times)}
 
 
+class MeasurementFailed(RuntimeError):
+    """A measurement subprocess exited with an error (the message holds the end of its stderr)."""
+
+
+def run_one(variant: str, common: list[str]) -> dict:
+    """One measurement of ``variant`` in a fresh interpreter: its JSON result."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gcn_throughput", "--one", variant, *common],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise MeasurementFailed(f"measuring {variant} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="full", choices=("full", "small"))
@@ -138,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant and print JSON
     ap.add_argument("--onnx", help=argparse.SUPPRESS)  # internal: the exported model of ours-onnx
     args = ap.parse_args(argv)
+    if min(args.threads, args.rounds, args.steps, args.batch) < 1 or args.frames < 8:
+        ap.error("--threads, --rounds, --steps and --batch must be >= 1, --frames >= 8")
     if args.one == "ours-onnx":
         print(json.dumps(onnx_latency(args.onnx, args.threads, args.steps, args.frames)))
         return 0
@@ -146,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gcn_throughput: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+            return 2
     variants = VARIANTS_CUDA if args.device == "cuda" else VARIANTS_CPU
     results: dict[str, list[dict]] = {v: [] for v in variants}
     common = ["--size", args.size, "--threads", str(args.threads), "--steps", str(args.steps),
@@ -163,18 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         model = MultiStream({"joint": config_for(args.size, 120)}).eval()
         export.export_onnx(InferenceMultiStream(model), Path(tmp.name) / "ours.onnx")  # as the stage does
         common += ["--onnx", str(Path(tmp.name) / "ours.onnx")]
-    for r in range(args.rounds):
-        for v in variants if r % 2 == 0 else reversed(variants):
-            out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.gcn_throughput", "--one", v, *common],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            results[v].append(json.loads(out.strip().splitlines()[-1]))
-            print(f"round {r + 1} {v}: {results[v][-1]}", file=sys.stderr)
-
-    tmp.cleanup()
+    try:
+        for r in range(args.rounds):
+            for v in variants if r % 2 == 0 else reversed(variants):
+                results[v].append(run_one(v, common))
+                print(f"round {r + 1} {v}: {results[v][-1]}", file=sys.stderr)
+    except MeasurementFailed as exc:
+        print(f"gcn_throughput: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        tmp.cleanup()
     base = variants[0]
     med = {
         v: {k: statistics.median(m[k] for m in ms) for k in ("train_samples_per_s", "latency_ms")}

@@ -8,10 +8,11 @@ for every runtime, all measured in this run: ``--rounds`` rounds, the runtimes i
 - default: the trained default model (``data/evaluate/model.pt``) and its bundle
   (``data/export/bundle``: ``model.onnx``, ``model.int8.onnx``, ``model.solo.onnx``), as ``dvc repro``
   made them;
-- ``--size full``: an untrained two-stream model of the published CTR-GCN size, exported and
-  quantised here (calibrated on random clips: right for timing, not for accuracy).
+- ``--size full`` (or ``small``): an untrained two-stream model of the published CTR-GCN size (or
+  the small CPU config), exported and quantised here (calibrated on random clips: right for timing,
+  not for accuracy).
 
-    python -m benchmarks.inference_latency [--size full] [--threads 2] [--rounds 5]
+    python -m benchmarks.inference_latency [--size full|small] [--threads 2] [--rounds 5] [--runs 40]
 """
 
 from __future__ import annotations
@@ -42,11 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=64)
     args = ap.parse_args(argv)
 
+    if args.threads < 1 or args.rounds < 1 or args.runs < 1:
+        ap.error("--threads, --rounds and --runs must be >= 1")
+    if args.size == "default":
+        missing = [p for p in (args.model, args.bundle / "model.onnx") if not p.is_file()]
+        if missing:
+            print(
+                f"inference_latency: {' and '.join(map(str, missing))} missing: run `make run` first "
+                "(or --size full / small for an untrained model exported here)",
+                file=sys.stderr,
+            )
+            return 2
     torch.set_num_threads(args.threads)
     training.keep_large_allocations()
     tmp = tempfile.TemporaryDirectory()
     if args.size == "default":
-        model, _ = export.load_fused(args.model)
+        try:
+            model, _ = export.load_fused(args.model)
+        except export.ExportError as exc:
+            print(f"inference_latency: {exc}", file=sys.stderr)
+            return 2
         fp32, int8 = args.bundle / "model.onnx", args.bundle / "model.int8.onnx"
         solo = args.bundle / "model.solo.onnx"
     else:
@@ -65,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8), ("ort fp32 one-person", solo)):
         if path.exists():
             session = export.ort_session(path, args.threads)
+            fixed = session.get_inputs()[0].shape[2]  # T: a name if dynamic, a number if not
+            if isinstance(fixed, int) and fixed != args.frames:
+                print(f"{name}: {path} takes T={fixed} only, not {args.frames}: skipped", file=sys.stderr)
+                continue
             persons = 1 if path == solo else 2  # the one-person graph takes person 1 only
             runtimes[name] = lambda c, s=session, m=persons: s.run(
                 ["scores"], {"joints": np.ascontiguousarray(c[..., :m])}

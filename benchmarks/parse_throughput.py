@@ -182,9 +182,12 @@ def time_readers(paths: list[Path]) -> dict[str, float]:
         missing=frozenset(),
         raw_dir=str(paths[0].parent),
     )
+    # This pass also warms ours up (and the page cache for all); the references get one call each.
     accepted = sum(process_file(str(p), settings)[0]["status"] == "accepted" for p in paths)
     if accepted != len(paths):
         print(f"warning: process_file accepted only {accepted} of {len(paths)} files")
+    for read in READERS.values():
+        read(paths[0])
     seconds = {name: time_per_file(read, paths) for name, read in READERS.items()}
     seconds[OURS] = time_per_file(lambda p: process_file(str(p), settings), paths)
     return seconds
@@ -388,6 +391,11 @@ def benchmark(args: argparse.Namespace, work: Path) -> None:
     rates = print_readers(time_readers(subset), len(subset), megabytes(subset))
     baselines = {name: rates[name] for name in READERS}
 
+    # Untimed warm-up: the first run() in a process pays one-off set-up (0.1-0.2 s measured here: lazy
+    # imports, codec and writer initialisation, the forkserver) that would count against workers=1.
+    warm = link_corpus(templates, work / "files-warmup", len(templates))
+    for count in dict.fromkeys((1, workers)):
+        time_stage(warm[0].parent, work / "out", count)
     runs = [time_stage(paths[0].parent, work / "out", 1)]
     if workers != 1:
         runs.append(time_stage(paths[0].parent, work / "out", workers))

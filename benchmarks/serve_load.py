@@ -63,6 +63,10 @@ class Load:
         self.first_error = self.first_error or why
 
 
+class ServerError(RuntimeError):
+    """The server under test did not start (its log has why)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,13 +93,13 @@ def server(bundle: Path, port: int, env: dict[str, str], log: Path) -> Iterator[
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
+                raise ServerError(f"the server exited with {proc.returncode}; see {log}")
             try:
                 get_json(base + "/ready")
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server was not ready within 120 s; see {log}") from None
+                    raise ServerError(f"the server was not ready within 120 s; see {log}") from None
                 time.sleep(0.2)
         yield base, proc.pid
     finally:
@@ -218,9 +222,15 @@ def default_clip(raw_dir: Path) -> Path:
     from stages.ntu_files import parse_name, split_membership
 
     for path in sorted(raw_dir.rglob("*.skeleton")):
-        if split_membership(parse_name(path.stem))["ntu120_xsub"] == "test":
+        try:
+            sample = parse_name(path.stem)
+        except ValueError:  # not an NTU name
+            continue
+        if split_membership(sample)["ntu120_xsub"] == "test":
             return path
-    raise SystemExit(f"no test-split .skeleton file under {raw_dir}")
+    raise SystemExit(
+        f"serve_load: no test-split .skeleton file under {raw_dir}: run `make run` first, or pass --clip"
+    )
 
 
 def load_clip(path: Path) -> np.ndarray:
@@ -293,6 +303,23 @@ def main(argv: list[str] | None = None) -> int:
         "--body", default="json", choices=("json", "npy"), help="the clip as JSON, or as float32 .npy bytes"
     )
     args = ap.parse_args(argv)
+    if args.seconds <= 0 or args.warmup < 0 or args.fps < 0:
+        ap.error("--seconds must be > 0, --warmup and --fps >= 0")
+    try:
+        args.client_counts = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        args.client_counts = []
+    if not args.client_counts or min(args.client_counts) < 1:
+        ap.error(f"--clients wants positive integers like 1,8,32; got {args.clients!r}")
+    modes = args.batching.split(",")
+    if not set(modes) <= {"off", "on"}:
+        ap.error(f"--batching wants off, on or off,on; got {args.batching!r}")
+    if not (args.bundle / "manifest.json").is_file():
+        print(f"serve_load: no model bundle at {args.bundle}: run `make run` first", file=sys.stderr)
+        return 2
+    if args.clip is not None and not args.clip.is_file():
+        print(f"serve_load: --clip {args.clip} is not a file", file=sys.stderr)
+        return 2
 
     clip_path = args.clip or default_clip(args.raw_dir)
     clip = load_clip(clip_path)
@@ -308,7 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         "NTU_SERVE_SOLO": str(args.solo == "on").lower(),
     }
     npy = args.body == "npy"
-    call_ms, prep_ms, runtime = raw_ort_ms(args.bundle, clip, env, 200, body, npy)
+    from serving.model import ModelError
+    from stages.bundle import BundleError
+
+    try:
+        call_ms, prep_ms, runtime = raw_ort_ms(args.bundle, clip, env, 200, body, npy)
+    except (BundleError, ModelError) as exc:  # not a bundle, or one that fails the service's checks
+        print(f"serve_load: {exc}", file=sys.stderr)
+        return 2
     print(
         f"clip {clip_path.name}: M={clip.shape[0]} T={clip.shape[1]}, {len(body) / 1024:.0f} KiB {kind}, "
         f"{runtime['clips']} model clip(s); {os.cpu_count()} cores; {runtime['kind']} on "
@@ -320,13 +354,33 @@ def main(argv: list[str] | None = None) -> int:
         f"{'batching':<9} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
         f"{'clips/call':>10} {'overhead':>8} {'vs server call':>14} {'CPU ms/req: server':>18} {'client':>6}"
     )
+    try:
+        failed = run_modes(args, modes, env, body, media_type, clip, call_ms)
+    except ServerError as exc:
+        print(f"serve_load: {exc}", file=sys.stderr)
+        return 1
+    after_ms, _, _ = raw_ort_ms(args.bundle, clip, env, 200, body, npy)
+    print(f"raw ONNX Runtime call after the runs {after_ms:.2f} ms (before: {call_ms:.2f} ms)")
+    return 1 if failed else 0
+
+
+def run_modes(
+    args: argparse.Namespace,
+    modes: list[str],
+    env: dict[str, str],
+    body: bytes,
+    media_type: str,
+    clip: np.ndarray,
+    call_ms: float,
+) -> bool:
+    """The load runs (and the WebSocket stream) for each micro-batching mode; whether any failed."""
     failed = False
-    for mode in args.batching.split(","):
+    for mode in modes:
         port = free_port()
         batching = {"NTU_SERVE_MICRO_BATCHING": str(mode == "on").lower()}
         with server(args.bundle, port, env | batching, args.log) as (base, pid):
             request = post_request(port, "/v1/predict", body, media_type)
-            for clients in (int(c) for c in args.clients.split(",")):
+            for clients in args.client_counts:
                 before = batch_stats(base)
                 cpu_before = cpu_seconds(pid), own_cpu_seconds()
                 load = asyncio.run(run_load(port, request, clients, args.warmup, args.seconds))
@@ -351,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                 if load.errors:
                     failed = True
                     print(f"  first error: {load.first_error}", file=sys.stderr)
-            if args.fps > 0 and mode == args.batching.split(",")[0]:  # the first: off, the CPU default
+            if args.fps > 0 and mode == modes[0]:  # the first: off, the CPU default
                 settings = get_json(base + "/v1/model")["runtime"]
                 frames = stream_frames(clip, args.stream_frames)
                 server_ms, client_ms, errors = asyncio.run(stream(port, frames, args.fps))
@@ -362,9 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{pct(client_ms, 50):.1f} ms p99 {pct(client_ms, 99):.1f} ms; errors {errors}"
                 )
                 failed |= errors > 0 or not server_ms
-    after_ms, _, _ = raw_ort_ms(args.bundle, clip, env, 200, body, npy)
-    print(f"raw ONNX Runtime call after the runs {after_ms:.2f} ms (before: {call_ms:.2f} ms)")
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
