@@ -20,6 +20,7 @@ from fastapi import FastAPI, Security
 from starlette.middleware import Middleware
 
 from . import errors, routes, stream
+from .activity import ActivityMiddleware, ClientActivity
 from .fastlane import NpyPredictLane
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
         middleware=[  # outermost first: the metrics also count the size refusals
+            Middleware(ActivityMiddleware, activity=ClientActivity()),  # which requests are alone
             Middleware(MetricsMiddleware, metrics=metrics),
             Middleware(
                 BodyLimitMiddleware,

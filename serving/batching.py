@@ -55,6 +55,7 @@ class Predictor:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self._run, self._observe, self.workers = run, observe, workers
         self._executor: ThreadPoolExecutor | None = None
+        self._in_workers = 0  # calls submitted to the workers and not yet returned
 
     def _timed(self, clips: np.ndarray, requests: int) -> tuple[np.ndarray, Batch]:
         start = time.perf_counter()
@@ -67,7 +68,11 @@ class Predictor:
         """``fn(*args)`` in one of the workers."""
         if self._executor is None:
             raise RuntimeError("the predictor is not running")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._in_workers += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._in_workers -= 1
 
     async def _call(self, clips: np.ndarray, requests: int) -> tuple[np.ndarray, Batch]:
         return await self._submit(self._timed, clips, requests)
@@ -81,8 +86,15 @@ class Predictor:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
 
-    async def predict(self, clips: np.ndarray) -> tuple[np.ndarray, Batch]:
-        """Scores ``(N, K)`` of ``clips`` ``(N, 3, T, 25, 2)``."""
+    async def predict(self, clips: np.ndarray, inline: bool = False) -> tuple[np.ndarray, Batch]:
+        """Scores ``(N, K)`` of ``clips`` ``(N, 3, T, 25, 2)``.
+
+        ``inline``: run the call on the event loop itself when no call is in the workers, saving the
+        hand-off to a worker and back; for a lone client's request (:mod:`serving.activity`), which
+        nothing else waits behind.
+        """
+        if inline and self._executor is not None and self._in_workers == 0:
+            return self._timed(clips, 1)
         return await self._call(clips, 1)
 
     async def predict_after(self, prepare: Prepare) -> tuple[Prepared, np.ndarray, Batch]:
@@ -148,7 +160,8 @@ class MicroBatcher(Predictor):
         prepared = await asyncio.to_thread(prepare)
         return (prepared, *await self.predict(prepared[0]))
 
-    async def predict(self, clips: np.ndarray) -> tuple[np.ndarray, Batch]:
+    async def predict(self, clips: np.ndarray, inline: bool = False) -> tuple[np.ndarray, Batch]:
+        """As :meth:`Predictor.predict`; ``inline`` is not used: the batch decides where it runs."""
         if self._task is None or self._task.done():
             raise RuntimeError("the micro-batcher is not running")
         waiting = _Waiting(clips, asyncio.get_running_loop().create_future())

@@ -22,6 +22,7 @@ from stages import preprocess
 from stages.training import average_clips
 
 from . import model as model_loader
+from .activity import ALONE
 from .batching import MicroBatcher, Predictor, Prepare
 from .errors import ApiError
 from .metrics import Metrics
@@ -213,15 +214,17 @@ class Service:
         call, in one worker thread when requests are not micro-batched.
 
         ``on_loop``: ``prepare()`` runs on the event loop instead, and only the model call goes to
-        a worker. For a preparation that is short and bounded (a ``.npy`` clip's, a short JSON
-        body's) this is cheaper: in a worker its many small NumPy calls pass the GIL back and forth
-        with the event loop.
+        a worker (or, for a lone client, runs on the loop too: :mod:`serving.activity`). For a
+        preparation that is short and bounded (a ``.npy`` clip's, a short JSON body's) this is
+        cheaper: in a worker its many small NumPy calls pass the GIL back and forth with the event
+        loop.
         """
         if self.predictor is None:
             raise ApiError(503, "not_ready", self.reason)
         if on_loop:
             clips, frames = prepare()
-            scores, batch = await self.predictor.predict(clips)
+            inline = self.settings.inline_when_alone and ALONE.get()
+            scores, batch = await self.predictor.predict(clips, inline=inline)
         else:
             (_, frames), scores, batch = await self.predictor.predict_after(prepare)
         return score_summary(scores, self.require().labels, self.settings.top_k, frames, batch.inference_ms)

@@ -140,6 +140,12 @@ class Settings(BaseSettings):
         3.0, ge=0, le=1000, description="how long a batch waits for more requests after its first"
     )
     max_batch_size: int = Field(32, ge=1, description="most clips in one grouped model call")
+    inline_when_alone: bool = Field(
+        True,
+        description="while one client is the only one heard from (no other connection within 100 ms, "
+        "no stream open), run its clip's model call on the event loop instead of a worker thread: no "
+        "hand-off there and back (serving/activity.py)",
+    )
 
     @classmethod
     def without_environment(cls, **values) -> Settings:

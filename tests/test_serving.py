@@ -984,6 +984,93 @@ def test_predict_after_prepares_then_calls_the_model(batching):
     assert (threads["prepare"] == threads["model"]) is (not batching)
 
 
+def test_a_lone_connection_is_told_from_two_clients_and_from_open_streams():
+    """Alone: no other connection sent a request within the window, and no WebSocket stream is open.
+    A connection quiet for longer than the window no longer counts; without a client address the
+    connections cannot be told apart, so never alone."""
+    from serving.activity import ClientActivity
+
+    activity = ClientActivity(window_s=0.1)
+    a, b = ("127.0.0.1", 5001), ["127.0.0.1", 5002]  # ASGI servers may give a list
+    assert activity.request(a, now=0.0) and activity.request(a, now=0.05)
+    assert not activity.request(b, now=0.06)  # a within 100 ms
+    assert not activity.request(a, now=0.07)  # and b
+    assert activity.request(a, now=0.3)  # b quiet for 240 ms
+    assert not activity.request(None, now=0.31) and activity.request(a, now=0.5)
+    activity.streams += 1
+    assert not activity.request(a, now=0.6)
+    activity.streams -= 1
+    assert activity.request(a, now=0.7)
+
+
+def test_an_inline_call_runs_on_the_loop_only_while_the_workers_are_idle():
+    """``inline=True`` runs the model on the event loop's thread (no hand-off), unless a call is in
+    the workers: then it waits its turn there, as every other call does."""
+    threads, release = [], threading.Event()
+
+    def run(x):
+        threads.append(threading.get_ident())
+        if x[0, 0] == 2.0:
+            release.wait(5)
+        return x
+
+    async def scenario():
+        predictor = Predictor(run, workers=2)
+        await predictor.start()
+        loop_thread = threading.get_ident()
+        await predictor.predict(np.ones((1, 1), np.float32), inline=True)
+        await predictor.predict(np.ones((1, 1), np.float32))
+        slow = asyncio.create_task(predictor.predict(np.full((1, 1), 2.0, np.float32)))
+        while len(threads) < 3:
+            await asyncio.sleep(0.001)
+        inline_while_busy = asyncio.create_task(predictor.predict(np.ones((1, 1), np.float32), inline=True))
+        while len(threads) < 4:
+            await asyncio.sleep(0.001)
+        release.set()
+        await asyncio.gather(slow, inline_while_busy)
+        await predictor.stop()
+        return loop_thread
+
+    loop_thread = asyncio.run(scenario())
+    assert threads[0] == loop_thread and loop_thread not in threads[1:]
+
+
+@pytest.mark.parametrize("inline_when_alone", [True, False])
+def test_a_lone_clients_clip_is_scored_on_the_event_loop(tiny_bundle, clip, monkeypatch, inline_when_alone):
+    """A lone client's ``.npy`` or short JSON clip is scored on the event loop (setting
+    ``inline_when_alone``), with the same scores as in a worker; with a WebSocket stream open, or the
+    setting off, the call goes to a worker."""
+    from serving.service import Service
+
+    where = []
+    real = Service.prepare_clip
+
+    def recording(self, body):  # runs on the loop's thread for these bodies
+        prepared = real(self, body)
+        run = self.predictor._run
+        if not getattr(run, "recording", False):
+            loop = threading.get_ident()
+
+            def located(x, run=run):
+                where.append("loop" if threading.get_ident() == loop else "worker")
+                return run(x)
+
+            located.recording = True
+            self.predictor._run = located
+        return prepared
+
+    monkeypatch.setattr(Service, "prepare_clip", recording)
+    body = _npy(np.asarray(clip, np.float32))
+    with serving(tiny_bundle.bundle_dir, inline_when_alone=inline_when_alone) as c:
+        alone = c.post("/v1/predict", content=body, headers=NPY)
+        by_json = c.post("/v1/predict", json={"clip": clip})
+        with c.websocket_connect("/v1/stream"):
+            streaming = c.post("/v1/predict", content=body, headers=NPY)
+    assert [r.status_code for r in (alone, by_json, streaming)] == [200, 200, 200]
+    assert alone.json()["scores"] == streaming.json()["scores"]
+    assert where == (["loop", "loop", "worker"] if inline_when_alone else ["worker"] * 3)
+
+
 @pytest.mark.parametrize("where", ["running", "gathering"])
 def test_stopping_answers_running_and_fails_waiting_requests(where):
     """When the server stops, the request in a model call gets its scores; those gathering into a
