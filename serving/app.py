@@ -38,6 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        # the schema (36 ms to build) is read by the metrics middleware for the first request that no
+        # route records (an .npy clip, answered by the lane): built here, not on that request
+        app.openapi()
         # The 230,000 objects of the imports and the model (torch, FastAPI, pydantic, ONNX) go to
         # the collector's permanent generation: a full collection traversed them all, 70-85 ms with
         # the event loop stopped, and the 2,100 lists of a 3-second JSON clip brought one about

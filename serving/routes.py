@@ -205,34 +205,41 @@ _VIDEO_UPLOAD = {
 }
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 413, 415, 422, 503)}
 
-# HEAD wherever GET works (HTTP says so; some health checkers send it): FastAPI answers HEAD only
-# where a route lists it
-GET_HEAD = ["GET", "HEAD"]
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=[Depends(ready_model)])  # 503 without a model
 
 
-@router.api_route("/health", methods=GET_HEAD, response_model=Health)
+def get_and_head(on: APIRouter, path: str, **kwargs):
+    """``GET path``, and ``HEAD path`` too (HTTP says so; some health checkers send it; FastAPI
+    answers HEAD only where a route lists it). HEAD is its own route, left out of the OpenAPI
+    schema: one route for both methods gave both operations one ``operationId``, which OpenAPI
+    requires to be unique (client generators refuse such a schema)."""
+
+    def register(endpoint):
+        on.api_route(path, methods=["HEAD"], include_in_schema=False, **kwargs)(endpoint)
+        return on.get(path, **kwargs)(endpoint)
+
+    return register
+
+
+@get_and_head(router, "/health", response_model=Health)
 async def health() -> Health:
     return Health(status="alive")
 
 
-@router.api_route("/ready", methods=GET_HEAD, response_model=Ready, responses={503: {"model": ErrorBody}})
+@get_and_head(router, "/ready", response_model=Ready, responses={503: {"model": ErrorBody}})
 async def ready(service: Service_) -> Ready:
     return Ready(ready=True, model=service.ref)
 
 
-@router.api_route(
-    "/metrics",
-    methods=GET_HEAD,
-    response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {}}}},
+@get_and_head(
+    router, "/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}}
 )
 async def metrics(service: Service_) -> PlainTextResponse:
     return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@v1.api_route("/model", methods=GET_HEAD, response_model=ModelInfo)
+@get_and_head(v1, "/model", response_model=ModelInfo)
 async def model_info(service: Service_, model: Model_) -> ModelInfo:
     meta, s, limits = model.meta, service.settings, service.limits
     return ModelInfo(
