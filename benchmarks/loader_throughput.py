@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--stream", default="joint")
     args = parser.parse_args(argv)
-    baseline_batches = args.baseline_batches or max(args.batches // 4, 4)
+    baseline_batches = max(args.batches // 4, 4) if args.baseline_batches is None else args.baseline_batches
     if args.batches < 1 or baseline_batches < 1 or args.batch_size < 1:
         parser.error("--batches, --baseline-batches and --batch-size must be >= 1")
     store = args.features_dir / "features.zarr"

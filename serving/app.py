@@ -33,7 +33,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """An app serving the model ``settings`` (default: from the environment) point to."""
     settings = settings or Settings()
     metrics = Metrics()
-    service = Service(settings, metrics)
+    activity = ClientActivity()  # which requests are alone (serving/activity.py)
+    service = Service(settings, metrics, activity)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
         middleware=[  # outermost first: the metrics also count the size refusals
-            Middleware(ActivityMiddleware, activity=ClientActivity()),  # which requests are alone
+            Middleware(ActivityMiddleware, activity=activity),
             Middleware(MetricsMiddleware, metrics=metrics),
             Middleware(
                 BodyLimitMiddleware,

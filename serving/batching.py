@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,7 @@ class Predictor:
         self._run, self._observe, self.workers = run, observe, workers
         self._executor: ThreadPoolExecutor | None = None
         self._in_workers = 0  # calls submitted to the workers and not yet returned
+        self._count_lock = threading.Lock()  # the count goes down in the worker's thread
 
     def _timed(self, clips: np.ndarray, requests: int) -> tuple[np.ndarray, Batch]:
         start = time.perf_counter()
@@ -68,10 +70,14 @@ class Predictor:
         """``fn(*args)`` in one of the workers."""
         if self._executor is None:
             raise RuntimeError("the predictor is not running")
-        self._in_workers += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
+        call = self._executor.submit(fn, *args)
+        with self._count_lock:
+            self._in_workers += 1
+        call.add_done_callback(self._returned)  # when the call returns, even if its caller is gone
+        return await asyncio.wrap_future(call)
+
+    def _returned(self, call) -> None:
+        with self._count_lock:
             self._in_workers -= 1
 
     async def _call(self, clips: np.ndarray, requests: int) -> tuple[np.ndarray, Batch]:
@@ -90,8 +96,8 @@ class Predictor:
         """Scores ``(N, K)`` of ``clips`` ``(N, 3, T, 25, 2)``.
 
         ``inline``: run the call on the event loop itself when no call is in the workers, saving the
-        hand-off to a worker and back; for a lone client's request (:mod:`serving.activity`), which
-        nothing else waits behind.
+        hand-off to a worker and back; for a lone client's request (:mod:`serving.activity`): the
+        loop then has nobody else's work to do meanwhile.
         """
         if inline and self._executor is not None and self._in_workers == 0:
             return self._timed(clips, 1)

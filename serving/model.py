@@ -50,7 +50,8 @@ class LoadedModel:
     """A verified bundle's metadata, its preprocessing parameters and a runtime ``run(clips) -> scores``.
 
     ``run`` takes float32 clips ``(N, 3, window, 25, 2)`` and returns fused class scores ``(N, K)``;
-    it blocks (call it from a worker thread).
+    it blocks: the service calls it from a worker thread, or on the event loop for a lone client
+    (``serving.activity``); it may be called from any thread.
     """
 
     meta: dict

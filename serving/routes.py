@@ -13,7 +13,7 @@ otherwise), ``GET /metrics`` (Prometheus).
   request itself succeeds; a bad clip does not cost the good ones their answer);
 - ``POST /v1/predict/file``: a raw NTU ``.skeleton`` file as the multipart field ``file``, parsed and
   denoised by the parse stage's code; a malformed file gets the parser's reason.
-- ``POST /v1/predict/video``: a video (``.avi``, ``.mp4`` / ``.mov``, ``.webm`` / ``.mkv``) as the
+- ``POST /v1/predict/video``: a video (``.avi``, ``.mp4`` / ``.mov`` / ``.3gp``, ``.webm`` / ``.mkv``) as the
   multipart field ``file``: the pose estimator finds and tracks up to two people
   (:mod:`serving.video`), and the video action model (``video_bundle_dir``: the action model
   fine-tuned on the estimator's skeletons; the clip model when there is no such bundle) names
@@ -193,7 +193,7 @@ _VIDEO_UPLOAD = {
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "an .avi, .mp4 / .mov or .webm / .mkv video",
+                            "description": "an .avi, .mp4 / .mov / .3gp or .webm / .mkv video",
                         },
                         "skeletons": {"type": "boolean", "description": "include the skeletons"},
                     },

@@ -22,7 +22,7 @@ from stages import preprocess
 from stages.training import average_clips
 
 from . import model as model_loader
-from .activity import ALONE
+from .activity import CONNECTION, ClientActivity
 from .batching import MicroBatcher, Predictor, Prepare
 from .errors import ApiError
 from .metrics import Metrics
@@ -44,8 +44,10 @@ def key_matches(given: str | None, expected: SecretStr | None) -> bool:
 class Service:
     """Loaded in the app's lifespan (:meth:`start`); the routes read it from ``app.state.service``."""
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: Settings, metrics: Metrics, activity: ClientActivity | None = None):
         self.settings, self.metrics = settings, metrics
+        # the requests and streams the app's ActivityMiddleware records: who is alone (activity.py)
+        self.activity = activity if activity is not None else ClientActivity()
         self.limits = preprocess.ClipLimits(max_frames=settings.max_frames)
         self.model: LoadedModel | None = None
         self.reason = "the model is still loading"
@@ -223,7 +225,7 @@ class Service:
             raise ApiError(503, "not_ready", self.reason)
         if on_loop:
             clips, frames = prepare()
-            inline = self.settings.inline_when_alone and ALONE.get()
+            inline = self.settings.inline_when_alone and self.activity.alone(CONNECTION.get())
             scores, batch = await self.predictor.predict(clips, inline=inline)
         else:
             (_, frames), scores, batch = await self.predictor.predict_after(prepare)

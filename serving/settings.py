@@ -142,9 +142,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="most clips in one grouped model call")
     inline_when_alone: bool = Field(
         True,
-        description="while one client is the only one heard from (no other connection within 100 ms, "
-        "no stream open), run its clip's model call on the event loop instead of a worker thread: no "
-        "hand-off there and back (serving/activity.py)",
+        description="while one client is the only one served (its request the only one in flight, no "
+        "other connection active within 100 ms, no stream open), run its clip's model call on the event "
+        "loop instead of a worker thread: no hand-off there and back (serving/activity.py)",
     )
 
     @classmethod

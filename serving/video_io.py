@@ -50,7 +50,7 @@ VIDEO_TYPES = {
     **dict.fromkeys(("video/mp4", "video/quicktime", "video/x-m4v", "video/3gpp", "video/3gpp2"), ".mp4"),
     **dict.fromkeys(("video/webm", "video/x-matroska"), ".mkv"),
 }
-KINDS = "an AVI, MP4 / MOV or WebM / MKV video"
+KINDS = "an AVI, MP4 / MOV / 3GP or WebM / MKV video"
 WRITERS = {".mp4": "mp4v", ".avi": "MJPG"}
 SLOT_COLOURS = ((90, 220, 90), (40, 170, 255))  # BGR: slot 0 green, slot 1 orange
 MIN_SIDE, MAX_SIDE = 16, 4096  # frame sides in pixels: 4K video either way up
@@ -174,10 +174,16 @@ class FrameClock:
     :data:`RATE_TRUST` times longer or shorter than that. A browser's MediaRecorder WebM has no frame
     rate nor duration in its header: FFmpeg, and so OpenCV, then give the unit of its timestamps,
     1000 fps, for frames about 33 ms apart, and by that rate every frame looked like a bad stamp
-    (a 5 s recording became 5 frames)."""
+    (a 5 s recording became 5 frames).
 
-    def __init__(self, fps: float):
-        self.fps = fps
+    ``overrule=False`` keeps the container's rate whatever the stamps say: :func:`open_video` lets
+    the stamps overrule only a container that gives no frame count (a live recording's header, as
+    MediaRecorder's). A file that states its count and rate keeps them, and stamps far from that
+    rate stay bad stamps, as before: a 30 fps file whose stamps are 8x apart (an edit, a slow-motion
+    export) would otherwise play 8x slower to the action model."""
+
+    def __init__(self, fps: float, overrule: bool = True):
+        self.fps, self.overrule = fps, overrule
         self._recent: deque[float] = deque(maxlen=RECENT_INTERVALS)
         self._previous: tuple[int, float] | None = None  # (index, stamp) of the last finite stamp
 
@@ -192,7 +198,7 @@ class FrameClock:
     @property
     def interval(self) -> float | None:
         """The frames' typical interval (s) where it overrules the container's rate, else None."""
-        if not self._recent:
+        if not self._recent or not self.overrule:
             return None
         typical, nominal = statistics.median_low(self._recent), 1 / self.fps
         return None if nominal / RATE_TRUST <= typical <= RATE_TRUST * nominal else typical
@@ -322,7 +328,7 @@ def open_video(
             capture = cv2.VideoCapture(str(path))
         info = VideoInfo(width, height, source, declared, rate)
         if fps > 0 and source > 0:
-            clock = FrameClock(source)
+            clock = FrameClock(source, overrule=declared <= 0)
             frames = resample(_timed(capture, declared, info.read, source, clock), rate, clock.last_duration)
         else:  # every decoded frame (a damaged one: the one before it again)
             frames = _decoded(capture, declared, info.read)

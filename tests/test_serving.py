@@ -985,22 +985,31 @@ def test_predict_after_prepares_then_calls_the_model(batching):
 
 
 def test_a_lone_connection_is_told_from_two_clients_and_from_open_streams():
-    """Alone: no other connection sent a request within the window, and no WebSocket stream is open.
-    A connection quiet for longer than the window no longer counts; without a client address the
-    connections cannot be told apart, so never alone."""
-    from serving.activity import ClientActivity
+    """Alone: the only HTTP request in flight, no WebSocket stream open, and no other connection that
+    started or finished a request within the window. A connection quiet for longer no longer counts;
+    where connections cannot be told apart (no address, or port 0: uvicorn's X-Forwarded-For
+    address behind a proxy), nothing is alone."""
+    from serving.activity import ClientActivity, connection_of
 
     activity = ClientActivity(window_s=0.1)
-    a, b = ("127.0.0.1", 5001), ["127.0.0.1", 5002]  # ASGI servers may give a list
-    assert activity.request(a, now=0.0) and activity.request(a, now=0.05)
-    assert not activity.request(b, now=0.06)  # a within 100 ms
-    assert not activity.request(a, now=0.07)  # and b
-    assert activity.request(a, now=0.3)  # b quiet for 240 ms
-    assert not activity.request(None, now=0.31) and activity.request(a, now=0.5)
+    a, b = connection_of(("127.0.0.1", 5001)), connection_of(["127.0.0.1", 5002])  # ASGI may give a list
+    activity.started(a, now=0.0)
+    assert activity.alone(a, now=0.01)
+    activity.finished(a, now=0.02)
+    activity.started(b, now=0.03)
+    assert not activity.alone(b, now=0.04)  # a finished 20 ms ago
+    activity.started(a, now=0.05)
+    assert not activity.alone(a, now=0.06)  # two requests in flight
+    activity.finished(b, now=0.3)  # a long call: b finishing counts as activity
+    assert not activity.alone(a, now=0.31)
+    assert activity.alone(a, now=0.45)  # b quiet for 150 ms
     activity.streams += 1
-    assert not activity.request(a, now=0.6)
+    assert not activity.alone(a, now=0.46)
     activity.streams -= 1
-    assert activity.request(a, now=0.7)
+    activity.finished(a, now=0.5)
+    assert connection_of(("10.0.0.7", 0)) is None and connection_of(None) is None
+    activity.started(None, now=0.6)
+    assert not activity.alone(None, now=0.61)
 
 
 def test_an_inline_call_runs_on_the_loop_only_while_the_workers_are_idle():
@@ -1069,6 +1078,26 @@ def test_a_lone_clients_clip_is_scored_on_the_event_loop(tiny_bundle, clip, monk
     assert [r.status_code for r in (alone, by_json, streaming)] == [200, 200, 200]
     assert alone.json()["scores"] == streaming.json()["scores"]
     assert where == (["loop", "loop", "worker"] if inline_when_alone else ["worker"] * 3)
+
+
+def test_requests_of_two_connections_are_not_alone_through_the_middleware():
+    """Through the app's middleware: a request is alone while its connection is the only one active;
+    one from another connection, or one whose address has no port, is not."""
+    from serving.activity import CONNECTION, ActivityMiddleware, ClientActivity
+
+    activity, verdicts = ClientActivity(), []
+
+    async def app(scope, receive, send):
+        verdicts.append(activity.alone(CONNECTION.get()))
+
+    middleware = ActivityMiddleware(app, activity)
+
+    async def scenario():
+        for client in [("127.0.0.1", 5001), ("127.0.0.1", 5001), ("127.0.0.1", 5002), ("10.0.0.7", 0)]:
+            await middleware({"type": "http", "client": client}, None, None)
+
+    asyncio.run(scenario())
+    assert verdicts == [True, True, False, False] and activity.in_flight == 0
 
 
 @pytest.mark.parametrize("where", ["running", "gathering"])

@@ -441,8 +441,9 @@ class _Capture:
         return self.times[self.i - 1]
 
 
-def _resampled(times_ms: list, fps: float) -> list[int]:
-    clock = video_io.FrameClock(fps)  # as open_video reads a video whose container says ``fps``
+def _resampled(times_ms: list, fps: float, counted: bool = False) -> list[int]:
+    # as open_video reads a video whose container says ``fps`` (and states its frame count: counted)
+    clock = video_io.FrameClock(fps, overrule=not counted)
     timed = video_io._timed(_Capture(times_ms), len(times_ms), video_frames.FrameCount(), fps, clock)
     return [int(f[0, 0, 0]) for f in video_io.resample(timed, 30.0, clock.last_duration)]
 
@@ -501,6 +502,11 @@ def test_a_container_rate_that_the_frames_times_contradict_gives_way(tmp_path):
     steady = [1000 * i / 30 for i in range(90)]
     assert _resampled(steady, 1000.0) == list(range(90))  # was [0, 1, 2]
     assert _resampled(steady, 1.0) == list(range(90))  # the last frame lasts 1/30 s, not 1 s (30 copies)
+    # a file that states its frame count keeps its rate: stamps 8x apart in a 30 fps file (an edit,
+    # a slow-motion export) stay bad stamps, each frame shown once, not 8 times
+    eight_apart = [8000 * i / 30 for i in range(30)]
+    assert _resampled(eight_apart, 30.0, counted=True) == list(range(30))
+    assert len(_resampled(eight_apart, 30.0)) == 240  # without a count the stamps decide
     assert len(numbers) in (59, 60, 61) and numbers == sorted(numbers) and numbers[-1] == 59
     assert len(set(numbers)) >= 55  # the jitter drops a few frames at 30 fps, no more
 
